@@ -1,0 +1,351 @@
+"""One YAML file per run, parsed into frozen dataclasses and validated before any process starts.
+
+Every error is a ``ConfigError`` whose message names the key (dotted path), the value and the
+fix. Unknown keys are errors (with a close match suggested), never ignored. Single keys can be
+overridden from the command line: ``--set trainer.lr=1e-4`` (the value is parsed as YAML).
+
+Relative paths in the file are resolved against the directory the command runs in (the
+repository root in the README's commands).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+FUSION_MODES = ("none", "predictive", "scores", "all_uniform", "avg_ce", "min_ce")
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    path: str
+    replicas: int = 1
+    tensor_parallel: int = 1
+    dtype: Precision = "fp32"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    trainer_ranks: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "assets/corpus"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_length: int = 128
+    domains: tuple[str, ...] | None = None
+    max_train_chunks: int | None = None
+    max_eval_chunks: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: Precision = "fp32"
+    deepspeed_config: str = "ds_configs/zero3.json"
+    loss_chunk_size: int = 1024
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    mode: Literal["none", "predictive", "scores", "all_uniform", "avg_ce", "min_ce"] = "none"
+    lam: float = 0.9
+    top_k: int = 10
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExplorationConfig:
+    start: float = 0.1
+    end: float = 0.02
+    decay_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    tau: float = 0.15
+    min_sources: int = 1
+    max_sources: int | None = None
+    beta: float = 0.5
+    lr: float = 1e-3
+    embedding_dim: int = 64
+    score_temperature: float = 1.0
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. ``sources`` is a list: any number of sources, in rank-assignment order."""
+
+    target: str
+    run: RunConfig = field(default_factory=RunConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: mapping -> typed dataclasses, with the dotted key in every error.
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(choice) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(annotation: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(annotation)
+        if value is None and type(None) in arms:
+            return None
+        errors = []
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(arm, value, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_convert(item_type, item, f"{key}[{index}]") for index, item in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        # YAML reads 1e-4 (no dot) as a string; accept numeric strings so users need not write 1.0e-4.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {key}")
+
+
+def _build(cls: type, mapping: Any, prefix: str) -> Any:
+    where = prefix or "the config file"
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+    values = {}
+    for name, spec in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in mapping:
+            values[name] = _convert(hints[name], mapping[name], dotted)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{dotted}: required key is missing")
+    return cls(**values)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to the raw mapping, in order."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. trainer.lr=1e-4")
+        dotted, text = override.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks: values each fine alone but impossible for a run.
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_model_dir(key: str, path: str) -> None:
+    directory = Path(path)
+    _check(directory.is_dir(), f"{key}: model directory {path!r} does not exist; run `make assets` or fix the path")
+    _check((directory / "config.json").is_file(), f"{key}: {path!r} has no config.json; it must be a Hugging Face model directory (save_pretrained)")
+
+
+def validate(config: Config, check_paths: bool = True) -> Config:
+    """Check value ranges and cross-field rules; with ``check_paths`` also that files exist."""
+    trainer, fusion, selector, topology = config.trainer, config.fusion, config.selector, config.topology
+    _check(trainer.lr > 0, f"trainer.lr: must be > 0, got {trainer.lr}")
+    _check(0 <= trainer.min_lr_ratio <= 1, f"trainer.min_lr_ratio: must be in [0, 1], got {trainer.min_lr_ratio}")
+    _check(trainer.weight_decay >= 0, f"trainer.weight_decay: must be >= 0, got {trainer.weight_decay}")
+    _check(trainer.grad_clip >= 0, f"trainer.grad_clip: must be >= 0 (0 disables clipping), got {trainer.grad_clip}")
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "loss_chunk_size", "log_every", "eval_batches"):
+        _check(getattr(trainer, key) >= 1, f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}")
+    _check(trainer.warmup_steps >= 0, f"trainer.warmup_steps: must be >= 0, got {trainer.warmup_steps}")
+    _check(trainer.eval_every >= 0, f"trainer.eval_every: must be >= 0 (0 evaluates only at the end), got {trainer.eval_every}")
+    _check(trainer.num_threads is None or trainer.num_threads >= 1, f"trainer.num_threads: must be >= 1 or null, got {trainer.num_threads}")
+    _check(config.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {config.data.max_length}")
+    for key in ("max_train_chunks", "max_eval_chunks"):
+        value = getattr(config.data, key)
+        _check(value is None or value >= 1, f"data.{key}: must be >= 1 or null, got {value}")
+    _check(topology.trainer_ranks >= 1, f"topology.trainer_ranks: must be >= 1, got {topology.trainer_ranks}")
+
+    _check(0 <= fusion.lam <= 1, f"fusion.lam: must be in [0, 1] (weight of the LM loss), got {fusion.lam}")
+    _check(fusion.top_k >= 1, f"fusion.top_k: must be >= 1, got {fusion.top_k}")
+    _check(fusion.temperature > 0, f"fusion.temperature: must be > 0, got {fusion.temperature}")
+    _check(0 < selector.tau < 1, f"selector.tau: must be in (0, 1), got {selector.tau}")
+    _check(selector.beta >= 0, f"selector.beta: must be >= 0, got {selector.beta}")
+    _check(selector.lr > 0, f"selector.lr: must be > 0, got {selector.lr}")
+    _check(selector.embedding_dim >= 1, f"selector.embedding_dim: must be >= 1, got {selector.embedding_dim}")
+    _check(selector.score_temperature > 0, f"selector.score_temperature: must be > 0, got {selector.score_temperature}")
+    exploration = selector.exploration
+    for key in ("start", "end"):
+        value = getattr(exploration, key)
+        _check(0 <= value <= 1, f"selector.exploration.{key}: must be in [0, 1], got {value}")
+    _check(exploration.decay_steps >= 0, f"selector.exploration.decay_steps: must be >= 0, got {exploration.decay_steps}")
+
+    names = [source.name for source in config.sources]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    _check(not duplicates, f"sources: duplicate source name(s) {duplicates}; each source needs its own name")
+    for index, source in enumerate(config.sources):
+        key = f"sources[{index}]"
+        _check(source.name.replace("-", "_").isidentifier(), f"{key}.name: {source.name!r} must be letters, digits, '-' or '_'")
+        for attribute in ("replicas", "tensor_parallel", "batch_size"):
+            value = getattr(source, attribute)
+            _check(value >= 1, f"{key}.{attribute}: must be >= 1, got {value}")
+    if fusion.mode == "none":
+        _check(topology.placement == "colocated" or not config.sources,
+               "fusion.mode: 'none' trains without sources; remove `sources` or use placement: colocated")
+    else:
+        _check(bool(config.sources), f"fusion.mode: {fusion.mode!r} needs at least one entry under `sources`")
+    if selector.max_sources is not None:
+        _check(selector.max_sources >= 1, f"selector.max_sources: must be >= 1 or null, got {selector.max_sources}")
+        _check(selector.max_sources >= selector.min_sources,
+               f"selector.max_sources: {selector.max_sources} is below selector.min_sources ({selector.min_sources})")
+    _check(selector.min_sources >= 1, f"selector.min_sources: must be >= 1, got {selector.min_sources}")
+    if config.sources:
+        _check(selector.min_sources <= len(config.sources),
+               f"selector.min_sources: {selector.min_sources} exceeds the number of sources ({len(config.sources)})")
+
+    if check_paths:
+        _check_model_dir("target", config.target)
+        for index, source in enumerate(config.sources):
+            _check_model_dir(f"sources[{index}].path", source.path)
+        _check(Path(config.data.corpus).is_dir(),
+               f"data.corpus: {config.data.corpus!r} does not exist; run `make assets` or point it at a datasets.save_to_disk folder")
+        _check(Path(trainer.deepspeed_config).is_file(),
+               f"trainer.deepspeed_config: {trainer.deepspeed_config!r} does not exist; use one of ds_configs/*.json")
+    return config
+
+
+def parse_config(raw: Any, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Typed, validated config from a raw mapping (as read from YAML) plus ``--set`` overrides."""
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    if overrides:
+        raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
+    return validate(_build(Config, raw, ""), check_paths=check_paths)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Read, override, type and validate a run config.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong
+            type or is impossible, or (``check_paths``) a model/corpus/DeepSpeed path is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(raw, overrides, check_paths=check_paths)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config (defaults filled in) next to the run's outputs."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,40 @@
+"""One logger for the run: console lines and TensorBoard scalars, written by the logging rank only.
+
+Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``eval/<domain>/*``,
+``select/*`` and ``source/<name>/*``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+logger = logging.getLogger("fusion")
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: Path, enabled: bool):
+        self.log_dir = Path(log_dir)
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(self.log_dir)) if enabled else None
+        if enabled and not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("[fusion %(asctime)s] %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            logger.info(message)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

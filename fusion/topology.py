@@ -1,0 +1,208 @@
+"""Which rank does what, and every process group of the run. Group creation happens nowhere else.
+
+Ranks are assigned in config order: the trainer first, then each source's
+``replicas x tensor_parallel`` ranks (replica-major). Example, 2 trainer ranks, source ``a``
+with 1 replica x TP 2, source ``b`` with 2 replicas x TP 1 (world size 6)::
+
+    global rank:   0        1        2        3        4        5
+    role:        trainer  trainer  a        a        b        b
+    role rank:     0        1        0        1        0        1
+    replica:       -        -        0        0        0        1
+                 '-- ZeRO-3 DP ---' '- AutoTP -'  '-rep 0-' '-rep 1-'
+
+Each role gets its own *default* world (DeepSpeed's ZeRO-3 calls ``barrier()`` on the default
+group; sharing it with source ranks deadlocks). All ranks meet on one TCPStore next to
+MASTER_PORT; a role's world is ``init_process_group(store=PrefixStore("role/<name>", store))``.
+Cross-role traffic uses one explicit exchange group over all ranks (point-to-point only).
+With ``placement: colocated`` there is only the trainer role and no exchange group.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from fusion.config import Config
+
+TRAINER = "trainer"
+
+
+class TopologyError(ValueError):
+    """The launched world does not match the config's topology."""
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    ranks: tuple[int, ...]
+    replicas: int = 1
+    tensor_parallel: int = 1
+
+    def replica_ranks(self, replica: int) -> tuple[int, ...]:
+        start = replica * self.tensor_parallel
+        return self.ranks[start:start + self.tensor_parallel]
+
+    @property
+    def leaders(self) -> tuple[int, ...]:
+        """Global rank of each replica's leader (the rank that talks to the trainer)."""
+        return tuple(self.ranks[replica * self.tensor_parallel] for replica in range(self.replicas))
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    roles: tuple[RoleSpec, ...]
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(role.ranks) for role in self.roles)
+
+    @property
+    def trainer(self) -> RoleSpec:
+        return self.roles[0]
+
+    def role_of(self, global_rank: int) -> RoleSpec:
+        for role in self.roles:
+            if global_rank in role.ranks:
+                return role
+        raise TopologyError(f"rank {global_rank} is outside the planned world of {self.world_size} ranks")
+
+    def diagram(self) -> str:
+        return "\n".join(f"  {role.name:<16} ranks {list(role.ranks)}" +
+                         ("" if role.name == TRAINER else f"  ({role.replicas} replica(s) x tensor_parallel {role.tensor_parallel})")
+                         for role in self.roles)
+
+
+def plan_ranks(config: Config, world_size: int) -> RankPlan:
+    """Assign global ranks to roles; raise ``TopologyError`` showing the expected layout on mismatch."""
+    roles = [RoleSpec(TRAINER, tuple(range(config.topology.trainer_ranks)))]
+    if config.topology.placement == "disaggregated" and config.fusion.mode != "none":
+        next_rank = config.topology.trainer_ranks
+        for source in config.sources:
+            size = source.replicas * source.tensor_parallel
+            roles.append(RoleSpec(source.name, tuple(range(next_rank, next_rank + size)), source.replicas, source.tensor_parallel))
+            next_rank += size
+    plan = RankPlan(tuple(roles))
+    if plan.world_size != world_size:
+        raise TopologyError(
+            f"the launcher started {world_size} rank(s) but the config's topology needs {plan.world_size}:\n"
+            f"{plan.diagram()}\n"
+            f"launch with that many ranks (e.g. `deepspeed --num_gpus {plan.world_size} ...`) "
+            f"or change topology.trainer_ranks / sources[*].replicas / sources[*].tensor_parallel")
+    return plan
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher tells a process about itself (torchrun / deepspeed conventions)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> "LaunchEnv":
+        """Read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain `python` run is rank 0 of 1."""
+        try:
+            return cls(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
+                       local_rank=int(env.get("LOCAL_RANK", 0)), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(env.get("MASTER_PORT", 29500)))
+        except ValueError as error:
+            raise TopologyError(f"malformed launcher environment: {error}") from None
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the run and its groups, built once by ``init_topology``.
+
+    ``role_group`` is the role-local default world (the trainer's is ZeRO-3's data-parallel
+    world); ``source_groups`` holds, on a source rank, one group per replica of its source
+    (its TP group); ``exchange`` is None with a single role.
+    """
+
+    plan: RankPlan
+    global_rank: int
+    role: RoleSpec
+    role_rank: int
+    exchange: "dist.ProcessGroup | None"
+    replica_group: "dist.ProcessGroup | None"
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.role.name == TRAINER
+
+    @property
+    def trainer_group(self) -> "dist.ProcessGroup":
+        if not self.is_trainer:
+            raise TopologyError(f"rank {self.global_rank} is a {self.role.name!r} rank, not a trainer rank")
+        return dist.group.WORLD
+
+    @property
+    def dp_rank(self) -> int:
+        return self.role_rank if self.is_trainer else 0
+
+    @property
+    def dp_size(self) -> int:
+        return len(self.plan.trainer.ranks)
+
+    @property
+    def replica_index(self) -> int:
+        return self.role_rank // self.role.tensor_parallel
+
+    @property
+    def is_source_leader(self) -> bool:
+        return not self.is_trainer and self.global_rank in self.role.leaders
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.global_rank == 0
+
+
+def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float = 600.0) -> Topology:
+    """Open the role-local default world and the exchange group for this process.
+
+    Must run before ``deepspeed.init_distributed``, which then reuses the default world.
+    """
+    if env.world_size != plan.world_size:
+        raise TopologyError(f"WORLD_SIZE={env.world_size} but the plan needs {plan.world_size} ranks:\n{plan.diagram()}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    role = plan.role_of(env.rank)
+    role_rank = role.ranks.index(env.rank)
+    # One store for everything, next to MASTER_PORT so multi-node runs need no extra ports.
+    store = dist.TCPStore(env.master_addr, env.master_port + 1, env.world_size, is_master=env.rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"role/{role.name}", store),
+                            rank=role_rank, world_size=len(role.ranks), timeout=timeout)
+    exchange = None
+    if len(plan.roles) > 1:
+        exchange = _exchange_group(backend, store, env, timeout)
+    replica_group = None
+    if role.name != TRAINER:
+        # new_group is collective over the role's world: every replica's group is created on every rank.
+        for replica in range(role.replicas):
+            members = [role.ranks.index(rank) for rank in role.replica_ranks(replica)]
+            group = dist.new_group(members)
+            if role_rank in members:
+                replica_group = group
+    return Topology(plan, env.rank, role, role_rank, exchange, replica_group)
+
+
+def _exchange_group(backend: str, store: "dist.Store", env: LaunchEnv, timeout: datetime.timedelta) -> "dist.ProcessGroup":
+    prefix = dist.PrefixStore("exchange", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefix, env.rank, env.world_size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(prefix, env.rank, env.world_size, options)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

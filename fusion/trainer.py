@@ -1,0 +1,283 @@
+"""The training loop. One step, top to bottom:
+
+    micro-batches (x gradient_accumulation_steps) -> global token counts -> for each micro-batch:
+    target forward through the chunked LM head -> loss -> ZeRO-3 backward -> step -> log
+
+The same loop serves one rank and many. Loss normalisation is explicit: every micro-batch's
+loss is a sum over its tokens divided by the number of real tokens in the *whole* optimizer
+step (all micro-batches, all data-parallel ranks), so the summed gradient is the gradient of
+the global mean loss, whatever the sharding. DeepSpeed averages gradients over ranks and
+divides the loss by the accumulation steps; ``_backward`` undoes both.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from datasets import load_from_disk
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+
+from fusion.config import Config, save_config
+from fusion.data import TextBatchCollator, build_chunked_split, iterate_epochs, make_dataloader
+from fusion.loss import fused_lm_loss
+from fusion.metrics import MetricsLogger
+from fusion.topology import Topology
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainModule(nn.Module):
+    """The target causal LM plus the chunked LM-head loss, as one module.
+
+    The loss reads the LM-head weight directly instead of calling the head, so under ZeRO-3 the
+    weight is registered as an external parameter of this module: DeepSpeed gathers it for
+    this forward and reduces its gradient like any other.
+    """
+
+    def __init__(self, causal_lm: nn.Module, chunk_size: int):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+        self.lm_head_weight = causal_lm.get_output_embeddings().weight
+
+    def forward(self, input_ids, attention_mask, labels, soft_indices, soft_probs, soft_valid, lam,
+                lm_normalizer, soft_normalizer):
+        hidden = self.causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return fused_lm_loss(hidden, self.lm_head_weight, labels, soft_indices, soft_probs, soft_valid, lam,
+                             self.chunk_size, lm_normalizer, soft_normalizer)
+
+
+def deepspeed_config(config: Config, dp_size: int) -> dict:
+    """The engine settings from ``trainer.deepspeed_config`` plus what the run config decides.
+
+    Raises:
+        ValueError: the JSON sets a key the run config owns, or uses ``"auto"`` (which raw
+            ``deepspeed.initialize`` silently ignores inside sub-configs).
+    """
+    trainer = config.trainer
+    path = Path(trainer.deepspeed_config)
+    engine = json.loads(path.read_text())
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+             "scheduler", "gradient_clipping", "bf16", "fp16"}
+    clashes = sorted(owned & set(engine))
+    if clashes:
+        raise ValueError(f"{path}: keys {clashes} are set from the run config (trainer.*); remove them from the JSON")
+    if '"auto"' in path.read_text():
+        raise ValueError(f"{path}: \"auto\" values are only filled by the HF Trainer; write numbers")
+    micro, accumulation = trainer.micro_batch_size, trainer.gradient_accumulation_steps
+    engine.update({
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * dp_size,
+        "gradient_clipping": trainer.grad_clip,
+        "bf16": {"enabled": trainer.precision == "bf16"},
+        "fp16": {"enabled": trainer.precision == "fp16"},
+        # torch's AdamW: no JIT-compiled extension needed, on CPU or GPU.
+        "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": trainer.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": trainer.max_steps, "warmup_num_steps": max(1, trainer.warmup_steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": trainer.min_lr_ratio, "warmup_type": "linear"}},
+    })
+    return engine
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    first_loss: float
+    final_loss: float
+    eval: dict
+    model_dir: str
+    tensorboard_dir: str
+
+
+class Trainer:
+    """Continued training of the target under ZeRO-3 on the trainer ranks of ``topology``."""
+
+    def __init__(self, config: Config, topology: Topology):
+        self.config = config
+        self.topology = topology
+        self.output_dir = Path(config.run.output_dir)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    # -----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        config, topology = self.config, self.topology
+        torch.manual_seed(config.run.seed)
+        self.metrics = MetricsLogger(self.output_dir / "tensorboard", enabled=topology.is_logging_rank)
+        if topology.is_logging_rank:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.target)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Chunks must fit max_length under every tokenizer that will read them.
+        tokenizers = [self.tokenizer] + [AutoTokenizer.from_pretrained(source.path) for source in config.sources]
+        self.train_data, self.eval_data = self._load_data(tokenizers)
+        collator = TextBatchCollator(self.tokenizer, config.data.max_length)
+        self.collator = collator
+        self.train_loader = make_dataloader(self.train_data, collator, config.trainer.micro_batch_size,
+                                            topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
+
+        ds_config = deepspeed_config(config, topology.dp_size)
+        # Kept alive so that from_pretrained builds the model already partitioned (zero.Init).
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        causal_lm = AutoModelForCausalLM.from_pretrained(config.target, dtype=DTYPES[config.trainer.precision])
+        module = TrainModule(causal_lm, config.trainer.loss_chunk_size)
+        deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+
+    def _load_data(self, tokenizers):
+        data = self.config.data
+        corpus = load_from_disk(data.corpus)
+        splits = []
+        for split_name, limit in ((data.train_split, data.max_train_chunks), (data.eval_split, data.max_eval_chunks)):
+            if split_name not in corpus:
+                raise ValueError(f"data: split {split_name!r} is not in {data.corpus} (it has {list(corpus)})")
+            split = corpus[split_name]
+            if data.domains is not None:
+                missing = sorted(set(data.domains) - set(split.unique("domain")))
+                if missing:
+                    raise ValueError(f"data.domains: {missing} not found in {data.corpus}/{split_name}")
+                split = split.filter(lambda row: row["domain"] in data.domains)
+            chunks, report = build_chunked_split(split, tokenizers, data.max_length)
+            if limit is not None and len(chunks) > limit:
+                chunks = chunks.shuffle(seed=self.config.run.seed).select(range(limit))
+            self.metrics.info(f"data {split_name}: {len(chunks)} chunks of <= {data.max_length} tokens ({report})")
+            splits.append(chunks)
+        return splits
+
+    # -----------------------------------------------------------------------------------------
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to(torch.float64).clone()
+        if self.topology.dp_size > 1:
+            dist.all_reduce(value, group=self.topology.trainer_group)
+        return value
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # The loss is already normalised by the global token count: undo DeepSpeed's averaging
+        # over data-parallel ranks and don't divide by the accumulation steps.
+        self.engine.backward(loss * self.topology.dp_size, scale_wrt_gas=False)
+
+    def _forward(self, batch: dict, lm_normalizer, soft_normalizer):
+        input_ids = batch["input_ids"].to(self.device)
+        batch_size, length = input_ids.shape
+        # Mode 'none': no source ran, so the soft target is empty.
+        soft_indices = torch.zeros((batch_size, length, 0), dtype=torch.long, device=self.device)
+        soft_probs = torch.zeros((batch_size, length, 0), dtype=torch.float32, device=self.device)
+        soft_valid = torch.zeros((batch_size, length), dtype=torch.bool, device=self.device)
+        return self.engine(input_ids, batch["attention_mask"].to(self.device), batch["labels"].to(self.device),
+                           soft_indices, soft_probs, soft_valid, self.config.fusion.lam, lm_normalizer, soft_normalizer)
+
+    def train(self) -> TrainResult:
+        trainer = self.config.trainer
+        micro_batches = (batch for _, batch in iterate_epochs(self.train_loader))
+        started = time.time()
+        tokens_seen = 0
+        losses: list[float] = []
+        progress = tqdm(range(1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
+        for step in progress:
+            step_started = time.time()
+            batches = [next(micro_batches) for _ in range(trainer.gradient_accumulation_steps)]
+            # Shifted targets: position t predicts token t+1, so the first label of a row is never a target.
+            local_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+            lm_normalizer = self._global_sum(torch.tensor(local_targets, device=self.device)).clamp(min=1).float()
+
+            lm_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for batch in batches:
+                loss, stats = self._forward(batch, lm_normalizer, torch.ones((), device=self.device))
+                self._backward(loss)
+                self.engine.step()
+                lm_loss_sum += stats.lm_loss_sum.detach().double()
+
+            step_loss = float(self._global_sum(lm_loss_sum) / lm_normalizer)
+            step_tokens = int(lm_normalizer)
+            tokens_seen += step_tokens
+            losses.append(step_loss)
+            step_seconds = time.time() - step_started
+            progress.set_postfix(loss=f"{step_loss:.3f}")
+            if step % trainer.log_every == 0 or step == trainer.max_steps:
+                self.metrics.scalars(step, {
+                    "loss/total": step_loss, "loss/lm": step_loss,
+                    "optim/lr": self.engine.get_lr()[0],
+                    "perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds})
+                self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} "
+                                  f"lr {self.engine.get_lr()[0]:.2e} {step_tokens / step_seconds:.0f} tok/s")
+            if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
+                self.metrics.scalars(step, self._eval_scalars(self.evaluate()))
+
+        final_eval = self.evaluate()
+        self.metrics.scalars(trainer.max_steps, self._eval_scalars(final_eval))
+        model_dir = self.save_model()
+        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), losses[0],
+                             sum(losses[-5:]) / len(losses[-5:]), final_eval, str(model_dir), str(self.metrics.log_dir))
+        if self.topology.is_logging_rank:
+            (self.output_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+        return result
+
+    # -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _eval_scalars(evaluation: dict) -> dict:
+        return {f"eval/{domain}/{key}": value for domain, row in evaluation.items()
+                for key, value in row.items() if key in ("loss", "perplexity", "bits_per_byte")}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Per-domain held-out loss, perplexity and bits per byte of the target on the eval split.
+
+        Every trainer rank runs the same number of forward passes (ZeRO-3 gathers are collective);
+        each takes its share of every domain's first ``eval_batches x dp_size`` batches.
+        """
+        trainer, topology = self.config.trainer, self.topology
+        self.engine.eval()
+        domains = sorted(set(self.eval_data["domain"]))
+        results = {}
+        per_step = trainer.micro_batch_size * topology.dp_size
+        for domain in domains:
+            rows = self.eval_data.filter(lambda row: row["domain"] == domain)
+            steps = min(trainer.eval_batches, len(rows) // per_step)
+            totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+            for index in range(steps):
+                start = index * per_step + topology.dp_rank * trainer.micro_batch_size
+                batch = self.collator([rows[i] for i in range(start, start + trainer.micro_batch_size)])
+                _, stats = self._forward(batch, torch.ones((), device=self.device), torch.ones((), device=self.device))
+                totals += torch.tensor([float(stats.lm_loss_sum), float(stats.lm_count),
+                                        sum(len(text.encode("utf-8")) for text in batch["texts"])],
+                                       dtype=torch.float64, device=self.device)
+            nats, tokens, num_bytes = self._global_sum(totals).tolist()
+            if tokens:
+                results[domain] = {"loss": nats / tokens, "perplexity": math.exp(nats / tokens),
+                                   "bits_per_byte": nats / num_bytes / math.log(2), "tokens": int(tokens)}
+        self.engine.train()
+        return results
+
+    def save_model(self) -> Path:
+        """Gather the ZeRO-3 shards and save the target as a Hugging Face folder (rank 0 writes)."""
+        model_dir = self.output_dir / "model"
+        # What engine.save_16bit_model uses: gathers one module at a time onto rank 0 only.
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        if self.topology.is_logging_rank:
+            prefix = "causal_lm."
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            causal_lm = self.engine.module.causal_lm
+            causal_lm.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(model_dir)
+        if self.topology.dp_size > 1:
+            dist.barrier(group=self.topology.trainer_group)
+        return model_dir
+
+    def cleanup(self) -> None:
+        self.metrics.close()

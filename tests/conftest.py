@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real models and corpora built in-process (no downloads), and free ports."""
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from fusion.assets.local_models import train_bpe_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = {
+    "animals": "cat dog horse sheep goat cow lion tiger bear wolf fox deer".split(),
+    "numbers": "one two three four five six seven eight nine ten eleven twelve".split(),
+    "colours": "red green blue yellow black white purple orange brown grey pink".split(),
+}
+
+
+def tiny_documents(seed: int, per_domain: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    documents = []
+    for domain, words in WORDS.items():
+        for _ in range(per_domain):
+            sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                         for _ in range(rng.randint(2, 6))]
+            documents.append((domain, " ".join(sentences)))
+    return documents
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A DatasetDict folder with three domains and train/validation/test splits."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus"
+    splits = {}
+    for offset, (split, count) in enumerate((("train", 40), ("validation", 8), ("test", 8))):
+        rows = tiny_documents(seed=offset, per_domain=count)
+        splits[split] = datasets.Dataset.from_dict({"text": [t for _, t in rows], "domain": [d for d, _ in rows]})
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return path
+
+
+def save_tiny_target(path: Path, tie_word_embeddings: bool) -> Path:
+    """A 2-layer Llama with its own small BPE tokenizer, saved as a Hugging Face folder."""
+    tokenizer = train_bpe_tokenizer([text for _, text in tiny_documents(seed=9, per_domain=30)], vocab_size=301)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    return save_tiny_target(tmp_path_factory.mktemp("target") / "untied", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_target(tmp_path_factory) -> Path:
+    return save_tiny_target(tmp_path_factory.mktemp("target") / "tied", tie_word_embeddings=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

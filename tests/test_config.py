@@ -1,0 +1,156 @@
+"""Config validation: every class of bad input gets an error that names the key."""
+import pytest
+import yaml
+
+from fusion.config import ConfigError, load_config, parse_config
+from fusion.topology import TopologyError, plan_ranks
+
+
+def base(**sections):
+    raw = {"target": "models/target", "trainer": {"lr": 1e-3}, "fusion": {"mode": "none"}}
+    for key, value in sections.items():
+        raw[key] = value
+    return raw
+
+
+def sources(*specs):
+    return [dict(name=name, path=f"models/{name}", **extra) for name, extra in specs]
+
+
+def parse(raw, overrides=None):
+    return parse_config(raw, overrides, check_paths=False)
+
+
+def test_defaults_fill_in_and_types_are_converted():
+    config = parse(base(trainer={"lr": "1e-4"}))  # YAML reads 1e-4 as a string
+    assert config.trainer.lr == pytest.approx(1e-4)
+    assert config.trainer.micro_batch_size == 4
+    assert config.selector.tau == pytest.approx(0.15)
+    assert config.fusion.lam == pytest.approx(0.9)
+    assert config.sources == ()
+
+
+@pytest.mark.parametrize("raw, key", [
+    (base(trainr={"lr": 1.0}), "trainr: unknown key; did you mean 'trainer'?"),
+    (base(trainer={"learning_rate": 1.0}), "trainer.learning_rate: unknown key"),
+    (base(selector={"exploration": {"begin": 0.1}}), "selector.exploration.begin: unknown key"),
+    (base(sources=[{"name": "a", "path": "p", "tp": 2}]), "sources[0].tp: unknown key"),
+])
+def test_unknown_keys_are_named(raw, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]").replace("?", r"\?")):
+        parse(raw)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (base(trainer={"lr": "fast"}), r"trainer\.lr: expected a number, got 'fast'"),
+    (base(trainer={"max_steps": 1.5}), r"trainer\.max_steps: expected an integer"),
+    (base(trainer={"micro_batch_size": True}), r"trainer\.micro_batch_size: expected an integer"),
+    (base(fusion={"mode": "magic"}), r"fusion\.mode: 'magic' is not one of"),
+    (base(trainer={"precision": "fp64"}), r"trainer\.precision: 'fp64' is not one of"),
+    (base(data={"domains": "wiki"}), r"data\.domains: expected a list"),
+    (base(sources={"name": "a"}), r"sources: expected a list"),
+    ({"trainer": {}}, r"target: required key is missing"),
+    (base(sources=[{"name": "a"}]), r"sources\[0\]\.path: required key is missing"),
+])
+def test_wrong_types_are_named(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (base(trainer={"lr": -1e-4}), r"trainer\.lr: must be > 0, got -0.0001"),
+    (base(trainer={"max_steps": 0}), r"trainer\.max_steps: must be >= 1"),
+    (base(selector={"tau": 1.0}), r"selector\.tau: must be in \(0, 1\), got 1.0"),
+    (base(selector={"tau": 0}), r"selector\.tau: must be in \(0, 1\)"),
+    (base(fusion={"mode": "none", "lam": 1.5}), r"fusion\.lam: must be in \[0, 1\]"),
+    (base(fusion={"mode": "none", "temperature": 0}), r"fusion\.temperature: must be > 0"),
+    (base(selector={"exploration": {"start": 2}}), r"selector\.exploration\.start: must be in \[0, 1\]"),
+    (base(fusion={"mode": "predictive"}), r"fusion\.mode: 'predictive' needs at least one entry under `sources`"),
+    (base(fusion={"mode": "min_ce"}, sources=sources(("a", {}), ("a", {}))), r"sources: duplicate source name"),
+    (base(fusion={"mode": "min_ce"}, sources=sources(("a", {"tensor_parallel": 0}))), r"sources\[0\]\.tensor_parallel: must be >= 1"),
+    (base(fusion={"mode": "min_ce"}, sources=sources(("a", {})), selector={"min_sources": 2}),
+     r"selector\.min_sources: 2 exceeds the number of sources \(1\)"),
+    (base(selector={"min_sources": 2, "max_sources": 1}), r"selector\.max_sources: 1 is below selector\.min_sources"),
+    (base(data={"max_length": 4}), r"data\.max_length: must be >= 8"),
+])
+def test_impossible_values_are_named(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)
+
+
+def test_missing_paths_are_named(tmp_path):
+    raw = base(data={"corpus": str(tmp_path / "corpus")})
+    raw["target"] = str(tmp_path / "no-model")
+    with pytest.raises(ConfigError, match=r"target: model directory .*no-model.* does not exist"):
+        parse_config(raw)
+    (tmp_path / "model").mkdir()
+    raw["target"] = str(tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"target: .* has no config.json"):
+        parse_config(raw)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data\.corpus: .* does not exist"):
+        parse_config(raw)
+    (tmp_path / "corpus").mkdir()
+    raw["trainer"]["deepspeed_config"] = str(tmp_path / "zero9.json")
+    with pytest.raises(ConfigError, match=r"trainer\.deepspeed_config: .*zero9.json.* does not exist"):
+        parse_config(raw)
+
+
+def test_overrides_apply_in_order_and_are_validated():
+    config = parse(base(), ["trainer.lr=2e-4", "trainer.max_steps=7", "selector.exploration.end=0.0"])
+    assert config.trainer.lr == pytest.approx(2e-4) and config.trainer.max_steps == 7
+    assert config.selector.exploration.end == 0.0
+    with pytest.raises(ConfigError, match=r"trainer\.max_step: unknown key; did you mean 'max_steps'"):
+        parse(base(), ["trainer.max_step=7"])
+    with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
+        parse(base(), ["trainer.lr"])
+    with pytest.raises(ConfigError, match=r"trainer\.lr: must be > 0"):
+        parse(base(), ["trainer.lr=-1"])
+
+
+def test_load_config_reports_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    assert load_config(good, check_paths=False).target == "models/target"
+
+
+def test_repository_configs_are_valid():
+    # Paths are checked by the runs themselves; here only keys, types and values.
+    for path in ("configs/demo.yaml",):
+        load_config(path, check_paths=False)
+
+
+def plan(trainer_ranks, specs, placement="disaggregated", mode="predictive", world=None):
+    config = parse(base(topology={"placement": placement, "trainer_ranks": trainer_ranks},
+                        fusion={"mode": mode}, sources=sources(*specs)))
+    expected = trainer_ranks + sum(extra.get("replicas", 1) * extra.get("tensor_parallel", 1) for _, extra in specs)
+    return plan_ranks(config, expected if world is None and placement == "disaggregated" else world or trainer_ranks)
+
+
+def test_plan_ranks_assigns_in_config_order():
+    layout = plan(2, [("a", {"tensor_parallel": 2}), ("b", {"replicas": 2}), ("c", {})])
+    assert [(role.name, role.ranks) for role in layout.roles] == [
+        ("trainer", (0, 1)), ("a", (2, 3)), ("b", (4, 5)), ("c", (6,))]
+    assert layout.roles[1].leaders == (2,)
+    assert layout.roles[2].leaders == (4, 5)
+    assert layout.roles[2].replica_ranks(1) == (5,)
+    assert layout.role_of(5).name == "b"
+
+
+def test_plan_ranks_colocated_uses_only_trainer_ranks():
+    layout = plan(3, [("a", {"tensor_parallel": 2}), ("b", {})], placement="colocated")
+    assert [(role.name, role.ranks) for role in layout.roles] == [("trainer", (0, 1, 2))]
+
+
+def test_world_size_mismatch_shows_expected_layout():
+    with pytest.raises(TopologyError) as error:
+        plan(2, [("a", {"tensor_parallel": 2}), ("b", {})], world=4)
+    message = str(error.value)
+    assert "started 4 rank(s) but the config's topology needs 5" in message
+    assert "a                ranks [2, 3]" in message and "deepspeed --num_gpus 5" in message
