@@ -86,6 +86,8 @@ class FusionConfig:
     lam: float = 0.9
     top_k: int = 10
     temperature: float = 1.0
+    sharpen_temperature: float | None = None
+    cache_dir: str = ".cache/fusion"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class SelectorConfig:
     beta: float = 0.5
     lr: float = 1e-3
     embedding_dim: int = 64
+    hidden_dim: int = 128
     score_temperature: float = 1.0
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 
@@ -276,10 +279,13 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(0 <= fusion.lam <= 1, f"fusion.lam: must be in [0, 1] (weight of the LM loss), got {fusion.lam}")
     _check(fusion.top_k >= 1, f"fusion.top_k: must be >= 1, got {fusion.top_k}")
     _check(fusion.temperature > 0, f"fusion.temperature: must be > 0, got {fusion.temperature}")
+    _check(fusion.sharpen_temperature is None or fusion.sharpen_temperature > 0,
+           f"fusion.sharpen_temperature: must be > 0 or null (no sharpening), got {fusion.sharpen_temperature}")
     _check(0 < selector.tau < 1, f"selector.tau: must be in (0, 1), got {selector.tau}")
     _check(selector.beta >= 0, f"selector.beta: must be >= 0, got {selector.beta}")
     _check(selector.lr > 0, f"selector.lr: must be > 0, got {selector.lr}")
     _check(selector.embedding_dim >= 1, f"selector.embedding_dim: must be >= 1, got {selector.embedding_dim}")
+    _check(selector.hidden_dim >= 1, f"selector.hidden_dim: must be >= 1, got {selector.hidden_dim}")
     _check(selector.score_temperature > 0, f"selector.score_temperature: must be > 0, got {selector.score_temperature}")
     exploration = selector.exploration
     for key in ("start", "end"):

@@ -1,7 +1,11 @@
 """The training loop. One step, top to bottom:
 
-    micro-batches (x gradient_accumulation_steps) -> global token counts -> for each micro-batch:
-    target forward through the chunked LM head -> loss -> ZeRO-3 backward -> step -> log
+    micro-batches (x gradient_accumulation_steps)
+    -> for each: select sources -> request only the chosen ones -> fuse their sparse answers
+       (and train the selector on the scores the sources realised)
+    -> global token counts -> for each: target forward through the chunked LM head -> fused loss
+       -> ZeRO-3 backward -> step
+    -> log
 
 The same loop serves one rank and many. Loss normalisation is explicit: every micro-batch's
 loss is a sum over its tokens divided by the number of real tokens in the *whole* optimizer
@@ -28,11 +32,22 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from fusion.config import Config, save_config
 from fusion.data import TextBatchCollator, build_chunked_split, iterate_epochs, make_dataloader
+from fusion.fusion_weights import FusedSoftTarget, chosen_weights, fuse_soft_labels, sharpen_weights
 from fusion.loss import fused_lm_loss
 from fusion.metrics import MetricsLogger
+from fusion.selection import GATE_MODES, SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
+from fusion.sources.pool import ColocatedSources
+from fusion.sources.scoring import encode_with_offsets
 from fusion.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _no_soft_target(batch: dict) -> FusedSoftTarget:
+    """An empty soft target (no source ran): the loss is the LM term alone."""
+    batch_size, length = batch["input_ids"].shape
+    return FusedSoftTarget(torch.zeros((batch_size, length, 0), dtype=torch.long), torch.zeros((batch_size, length, 0)),
+                           torch.zeros((batch_size, length), dtype=torch.bool))
 
 
 class TrainModule(nn.Module):
@@ -99,6 +114,8 @@ class TrainResult:
     first_loss: float
     final_loss: float
     eval: dict
+    routing: dict
+    sources: dict
     model_dir: str
     tensorboard_dir: str
 
@@ -131,6 +148,31 @@ class Trainer:
         self.collator = collator
         self.train_loader = make_dataloader(self.train_data, collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
+
+        self.sources = None
+        self.selector = None
+        if config.fusion.mode != "none":
+            self.sources = ColocatedSources(config.sources, self.tokenizer, config.fusion.top_k, config.fusion.temperature,
+                                            config.data.max_length, Path(config.fusion.cache_dir), self.device)
+            for name, counters in zip(self.sources.names, self.sources.counters):
+                self.metrics.info(f"source {name}: vocabulary map coverage {counters.coverage}")
+        if config.fusion.mode in GATE_MODES:
+            selector = config.selector
+            self.selector = SelectionNetwork(len(config.sources), config.fusion.mode, vocab_size=len(self.tokenizer),
+                                             embed_dim=selector.embedding_dim, hidden_dim=selector.hidden_dim,
+                                             gate_temperature=selector.score_temperature).to(self.device)
+            self.selector_optimizer = torch.optim.AdamW(self.selector.parameters(), lr=selector.lr)
+            # Exploration draws differ per rank (different sequences) but are reproducible.
+            self.generator = torch.Generator().manual_seed(config.run.seed + topology.dp_rank)
+        self.selector_stats: dict[str, float] = {}
+        # Without sources the loss is the LM term alone, at full weight.
+        self.lam = 1.0 if config.fusion.mode == "none" else config.fusion.lam
+        self.domains = sorted(set(self.train_data["domain"]))
+        # Routing counters, [domain, source]: sequences a source ran for, and its fusion weight.
+        source_count = len(config.sources)
+        self.routing_ran = torch.zeros(len(self.domains), source_count, dtype=torch.float64)
+        self.routing_weight = torch.zeros(len(self.domains), source_count, dtype=torch.float64)
+        self.routing_sequences = torch.zeros(len(self.domains), dtype=torch.float64)
 
         ds_config = deepspeed_config(config, topology.dp_size)
         # Kept alive so that from_pretrained builds the model already partitioned (zero.Init).
@@ -172,15 +214,96 @@ class Trainer:
         # over data-parallel ranks and don't divide by the accumulation steps.
         self.engine.backward(loss * self.topology.dp_size, scale_wrt_gas=False)
 
-    def _forward(self, batch: dict, lm_normalizer, soft_normalizer):
-        input_ids = batch["input_ids"].to(self.device)
-        batch_size, length = input_ids.shape
-        # Mode 'none': no source ran, so the soft target is empty.
-        soft_indices = torch.zeros((batch_size, length, 0), dtype=torch.long, device=self.device)
-        soft_probs = torch.zeros((batch_size, length, 0), dtype=torch.float32, device=self.device)
-        soft_valid = torch.zeros((batch_size, length), dtype=torch.bool, device=self.device)
-        return self.engine(input_ids, batch["attention_mask"].to(self.device), batch["labels"].to(self.device),
-                           soft_indices, soft_probs, soft_valid, self.config.fusion.lam, lm_normalizer, soft_normalizer)
+    def _forward(self, batch: dict, target: FusedSoftTarget, lm_normalizer, soft_normalizer):
+        return self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                           batch["labels"].to(self.device), target.indices.to(self.device), target.probs.to(self.device),
+                           target.valid.to(self.device), self.lam, lm_normalizer, soft_normalizer)
+
+    def _fused_target(self, batch: dict, step: int) -> FusedSoftTarget:
+        """Select sources, request only the chosen ones, fuse their answers into one sparse target."""
+        fusion, selector = self.config.fusion, self.config.selector
+        batch_size, length = batch["input_ids"].shape
+        if fusion.mode == "none":
+            return _no_soft_target(batch)
+        _, target_offsets, _ = encode_with_offsets(self.tokenizer, batch["texts"], self.config.data.max_length)
+        available = self.sources.available
+        max_sources = selector.max_sources or len(self.sources)
+        if fusion.mode == "predictive":
+            # Features known before any source runs: only the chosen sources compute.
+            gate_logits = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            explore = exploration_rate_at(step, selector.exploration.start, selector.exploration.end,
+                                          max(1, selector.exploration.decay_steps))
+            ran = select(gate_logits.softmax(-1).cpu(), selector.tau, selector.min_sources, max_sources, explore,
+                         self.generator, available)
+        else:
+            ran = available.expand(batch_size, -1).clone()
+        answers = self.sources.answer(batch["texts"], target_offsets, ran, length)
+        nll_per_byte = torch.stack([answer.nll_per_byte for answer in answers], dim=1)
+        if fusion.mode == "scores":
+            gate_logits = self.selector(nll_per_byte=nll_per_byte.to(self.device))
+        if fusion.mode in GATE_MODES:
+            gate_probs = gate_logits.detach().softmax(-1).cpu()
+            used = ran if fusion.mode == "predictive" else select(gate_probs, selector.tau, selector.min_sources, max_sources, 0.0,
+                                                                   available_mask=available)
+            weights = chosen_weights(gate_probs, used)
+            if fusion.sharpen_temperature is not None:
+                weights = sharpen_weights(weights, nll_per_byte, fusion.sharpen_temperature)
+            self._train_selector(gate_logits, ran, nll_per_byte)
+        else:
+            nll_per_token = torch.stack([answer.nll_per_token for answer in answers], dim=1)
+            weights = baseline_weights(fusion.mode, nll_per_token, available)
+        self._count_routing(batch["domains"], ran, weights)
+        return fuse_soft_labels(answers, weights, fusion.temperature)
+
+    def _train_selector(self, gate_logits: torch.Tensor, ran: torch.Tensor, nll_per_byte: torch.Tensor) -> None:
+        selector = self.config.selector
+        loss, stats = selector_loss(gate_logits, ran.to(self.device), nll_per_byte.to(self.device), selector.beta,
+                                    selector.score_temperature)
+        self.selector_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Replicated on every trainer rank: average its gradients so the replicas stay identical.
+        for parameter in self.selector.parameters():
+            if parameter.grad is not None and self.topology.dp_size > 1:
+                dist.all_reduce(parameter.grad, group=self.topology.trainer_group)
+                parameter.grad /= self.topology.dp_size
+        self.selector_optimizer.step()
+        self.selector_stats = {"select/loss": float(loss), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2)}
+
+    def _count_routing(self, domains: list[str], ran: torch.Tensor, weights: torch.Tensor) -> None:
+        for row, domain in enumerate(domains):
+            index = self.domains.index(domain)
+            self.routing_sequences[index] += 1
+            self.routing_ran[index] += ran[row].double()
+            self.routing_weight[index] += weights[row].double()
+
+    def _routing_scalars(self) -> dict:
+        """This rank's cumulative selection rates and weights (the final table is all-reduced)."""
+        if self.sources is None:
+            return {}
+        scalars = {}
+        sequences = self.routing_sequences.clamp(min=1)
+        for s, name in enumerate(self.sources.names):
+            scalars[f"select/rate/{name}"] = float(self.routing_ran[:, s].sum() / sequences.sum())
+            counters = self.sources.counters[s]
+            scalars[f"source/{name}/requests"] = counters.requests
+            scalars[f"source/{name}/sequences"] = counters.sequences
+            scalars[f"source/{name}/latency_s"] = counters.seconds / max(counters.requests, 1)
+            for d, domain in enumerate(self.domains):
+                scalars[f"select/rate/{domain}/{name}"] = float(self.routing_ran[d, s] / sequences[d])
+                scalars[f"select/weight/{domain}/{name}"] = float(self.routing_weight[d, s] / sequences[d])
+        return scalars
+
+    def routing_table(self) -> dict:
+        """Per domain and source, over the whole run and all trainer ranks: selection rate and mean weight."""
+        totals = [self._global_sum(t.to(self.device)).cpu() for t in (self.routing_ran, self.routing_weight, self.routing_sequences)]
+        ran, weight, sequences = totals
+        table = {}
+        for index, domain in enumerate(self.domains):
+            count = max(float(sequences[index]), 1.0)
+            table[domain] = {name: {"selection_rate": float(ran[index, s]) / count, "weight": float(weight[index, s]) / count,
+                                    "sequences": int(ran[index, s])}
+                             for s, name in enumerate(self.sources.names)}
+        return table
 
     def train(self) -> TrainResult:
         trainer = self.config.trainer
@@ -192,18 +315,21 @@ class Trainer:
         for step in progress:
             step_started = time.time()
             batches = [next(micro_batches) for _ in range(trainer.gradient_accumulation_steps)]
+            targets = [self._fused_target(batch, step) for batch in batches]
             # Shifted targets: position t predicts token t+1, so the first label of a row is never a target.
-            local_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
-            lm_normalizer = self._global_sum(torch.tensor(local_targets, device=self.device)).clamp(min=1).float()
+            local_counts = torch.tensor([sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches),
+                                         sum(int(target.valid.sum()) for target in targets)], device=self.device)
+            lm_normalizer, soft_normalizer = self._global_sum(local_counts).clamp(min=1).float()
 
-            lm_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for batch in batches:
-                loss, stats = self._forward(batch, lm_normalizer, torch.ones((), device=self.device))
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for batch, target in zip(batches, targets):
+                loss, stats = self._forward(batch, target, lm_normalizer, soft_normalizer)
                 self._backward(loss)
                 self.engine.step()
-                lm_loss_sum += stats.lm_loss_sum.detach().double()
-
-            step_loss = float(self._global_sum(lm_loss_sum) / lm_normalizer)
+                sums += torch.stack([stats.lm_loss_sum.detach(), stats.soft_loss_sum.detach()]).double()
+            lm_loss, soft_loss = (self._global_sum(sums) / torch.stack([lm_normalizer, soft_normalizer]).double()).tolist()
+            lam = self.config.fusion.lam
+            step_loss = lam * lm_loss + (1 - lam) * soft_loss if self.sources is not None else lm_loss
             step_tokens = int(lm_normalizer)
             tokens_seen += step_tokens
             losses.append(step_loss)
@@ -211,10 +337,11 @@ class Trainer:
             progress.set_postfix(loss=f"{step_loss:.3f}")
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 self.metrics.scalars(step, {
-                    "loss/total": step_loss, "loss/lm": step_loss,
+                    "loss/total": step_loss, "loss/lm": lm_loss, "loss/soft": soft_loss,
                     "optim/lr": self.engine.get_lr()[0],
-                    "perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds})
-                self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} "
+                    "perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds,
+                    **self.selector_stats, **self._routing_scalars()})
+                self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.engine.get_lr()[0]:.2e} {step_tokens / step_seconds:.0f} tok/s")
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
                 self.metrics.scalars(step, self._eval_scalars(self.evaluate()))
@@ -222,8 +349,17 @@ class Trainer:
         final_eval = self.evaluate()
         self.metrics.scalars(trainer.max_steps, self._eval_scalars(final_eval))
         model_dir = self.save_model()
+        routing = self.routing_table() if self.sources is not None else {}
+        sources = {}
+        if self.sources is not None:
+            for name, counters in zip(self.sources.names, self.sources.counters):
+                local = torch.tensor([counters.requests, counters.sequences, counters.seconds, counters.failures], device=self.device)
+                requests, sequences, seconds, failures = self._global_sum(local).tolist()
+                sources[name] = {"requests": int(requests), "sequences": int(sequences), "seconds": round(seconds, 2),
+                                 "failures": int(failures), "vocab_coverage": counters.coverage}
         result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), losses[0],
-                             sum(losses[-5:]) / len(losses[-5:]), final_eval, str(model_dir), str(self.metrics.log_dir))
+                             sum(losses[-5:]) / len(losses[-5:]), final_eval, routing, sources, str(model_dir),
+                             str(self.metrics.log_dir))
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
         return result
@@ -253,7 +389,8 @@ class Trainer:
             for index in range(steps):
                 start = index * per_step + topology.dp_rank * trainer.micro_batch_size
                 batch = self.collator([rows[i] for i in range(start, start + trainer.micro_batch_size)])
-                _, stats = self._forward(batch, torch.ones((), device=self.device), torch.ones((), device=self.device))
+                _, stats = self._forward(batch, _no_soft_target(batch), torch.ones((), device=self.device),
+                                         torch.ones((), device=self.device))
                 totals += torch.tensor([float(stats.lm_loss_sum), float(stats.lm_count),
                                         sum(len(text.encode("utf-8")) for text in batch["texts"])],
                                        dtype=torch.float64, device=self.device)
@@ -275,6 +412,9 @@ class Trainer:
             causal_lm = self.engine.module.causal_lm
             causal_lm.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(model_dir)
+            if self.selector is not None:
+                torch.save({"selector": self.selector.state_dict(), "optimizer": self.selector_optimizer.state_dict(),
+                            "sources": self.sources.names}, self.output_dir / "selector.pt")
         if self.topology.dp_size > 1:
             dist.barrier(group=self.topology.trainer_group)
         return model_dir

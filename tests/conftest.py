@@ -9,8 +9,10 @@ import datasets
 import pytest
 import torch
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from fusion.assets.local_models import train_bpe_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {
@@ -43,10 +45,20 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return path
 
 
-def save_tiny_target(path: Path, tie_word_embeddings: bool) -> Path:
-    """A 2-layer Llama with its own small BPE tokenizer, saved as a Hugging Face folder."""
-    tokenizer = train_bpe_tokenizer([text for _, text in tiny_documents(seed=9, per_domain=30)], vocab_size=301)
-    torch.manual_seed(0)
+def train_wordpiece_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer (BERT conventions, [CLS] as BOS): another family."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+def save_tiny_lm(path: Path, tokenizer, tie_word_embeddings: bool, seed: int = 0) -> Path:
+    """A 2-layer random Llama over ``tokenizer``, saved with it as a Hugging Face folder."""
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie_word_embeddings,
@@ -54,6 +66,20 @@ def save_tiny_target(path: Path, tie_word_embeddings: bool) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_target(path: Path, tie_word_embeddings: bool) -> Path:
+    tokenizer = train_bpe_tokenizer([text for _, text in tiny_documents(seed=9, per_domain=30)], vocab_size=301)
+    return save_tiny_lm(path, tokenizer, tie_word_embeddings)
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory) -> list[Path]:
+    """Two tiny sources of other tokenizer families: a smaller BPE and a lower-casing WordPiece."""
+    root = tmp_path_factory.mktemp("sources")
+    texts = [text for _, text in tiny_documents(seed=11, per_domain=30)]
+    return [save_tiny_lm(root / "bpe", train_bpe_tokenizer(texts, vocab_size=283), True, seed=1),
+            save_tiny_lm(root / "wordpiece", train_wordpiece_tokenizer(texts, vocab_size=211), True, seed=2)]
 
 
 @pytest.fixture(scope="session")

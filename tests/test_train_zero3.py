@@ -18,7 +18,8 @@ from conftest import ROOT, free_port
 pytestmark = pytest.mark.distributed
 
 
-def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, **trainer) -> tuple[subprocess.CompletedProcess, Path]:
+def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fusion: dict | None = None,
+           sources: list | None = None, **trainer) -> tuple[subprocess.CompletedProcess, Path]:
     output_dir = tmp_path / name
     config = {
         "target": str(target),
@@ -27,7 +28,8 @@ def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, **
         "data": {"corpus": str(corpus), "max_length": 48},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "num_threads": 1, "log_every": 1,
                     "eval_batches": 2, "loss_chunk_size": 37, **trainer},
-        "fusion": {"mode": "none"},
+        "fusion": {"mode": "none", "cache_dir": str(tmp_path / "cache"), **(fusion or {})},
+        "sources": sources or [],
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -75,3 +77,20 @@ def test_loss_normalisation_makes_sharding_invisible(tmp_path, tiny_tied_target,
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
     losses = [json.loads((run / "result.json").read_text())["first_loss"] for run in (sharded, accumulated)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    sources = [{"name": path.name, "path": str(path), "batch_size": 3} for path in tiny_sources]
+    _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, sources=sources,
+                           fusion={"mode": "predictive", "lam": 0.5}, micro_batch_size=4, max_steps=6, lr=3e-3,
+                           warmup_steps=1)
+    summary = json.loads((output_dir / "result.json").read_text())
+    routing, served = summary["routing"], summary["sources"]
+    assert set(routing) == {"animals", "numbers", "colours"}
+    sequences = 6 * 4 * 2  # steps x micro-batch x ranks
+    for source in served:
+        # Counted at the source: it served exactly the sequences it was chosen for.
+        assert served[source]["sequences"] == sum(routing[domain][source]["sequences"] for domain in routing)
+        assert 0 < served[source]["sequences"] <= sequences
+    assert sum(entry["sequences"] for entry in served.values()) >= sequences  # at least one source per sequence
+    assert (output_dir / "selector.pt").is_file()
