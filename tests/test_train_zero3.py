@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 
 
 def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fusion: dict | None = None,
-           sources: list | None = None, **trainer) -> tuple[subprocess.CompletedProcess, Path]:
+           sources: list | None = None, selector: dict | None = None, **trainer) -> tuple[subprocess.CompletedProcess, Path]:
     output_dir = tmp_path / name
     config = {
         "target": str(target),
@@ -30,6 +30,7 @@ def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fu
                     "eval_batches": 2, "loss_chunk_size": 37, **trainer},
         "fusion": {"mode": "none", "cache_dir": str(tmp_path / "cache"), **(fusion or {})},
         "sources": sources or [],
+        "selector": selector or {},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -82,7 +83,8 @@ def test_loss_normalisation_makes_sharding_invisible(tmp_path, tiny_tied_target,
 def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
     sources = [{"name": path.name, "path": str(path), "batch_size": 3} for path in tiny_sources]
     _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, sources=sources,
-                           fusion={"mode": "predictive", "lam": 0.5}, micro_batch_size=4, max_steps=6, lr=3e-3,
+                           fusion={"mode": "predictive", "lam": 0.5},
+                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0}}, micro_batch_size=4, max_steps=6, lr=3e-3,
                            warmup_steps=1)
     summary = json.loads((output_dir / "result.json").read_text())
     routing, served = summary["routing"], summary["sources"]
@@ -92,5 +94,6 @@ def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, t
         # Counted at the source: it served exactly the sequences it was chosen for.
         assert served[source]["sequences"] == sum(routing[domain][source]["sequences"] for domain in routing)
         assert 0 < served[source]["sequences"] <= sequences
-    assert sum(entry["sequences"] for entry in served.values()) >= sequences  # at least one source per sequence
+    # max_sources 1 and no exploration: exactly one source computed each sequence.
+    assert sum(entry["sequences"] for entry in served.values()) == sequences
     assert (output_dir / "selector.pt").is_file()
