@@ -32,6 +32,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 1234
+    cache_dir: str = ".cache/fusion"  # chunked corpora and vocabulary maps, reused across runs
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,6 @@ class FusionConfig:
     top_k: int = 10
     temperature: float = 1.0
     sharpen_temperature: float | None = None
-    cache_dir: str = ".cache/fusion"
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ class Trainer:
         self.selector = None
         if config.fusion.mode != "none":
             self.sources = ColocatedSources(config.sources, self.tokenizer, config.fusion.top_k, config.fusion.temperature,
-                                            config.data.max_length, Path(config.fusion.cache_dir), self.device)
+                                            config.data.max_length, Path(config.run.cache_dir) / "vocab_maps", self.device)
             for name, counters in zip(self.sources.names, self.sources.counters):
                 self.metrics.info(f"source {name}: vocabulary map coverage {counters.coverage}")
         if config.fusion.mode in GATE_MODES:
@@ -195,7 +195,8 @@ class Trainer:
                 if missing:
                     raise ValueError(f"data.domains: {missing} not found in {data.corpus}/{split_name}")
                 split = split.filter(lambda row: row["domain"] in data.domains)
-            chunks, report = build_chunked_split(split, tokenizers, data.max_length)
+            chunks, report = build_chunked_split(split, tokenizers, data.max_length,
+                                                 cache_dir=Path(self.config.run.cache_dir) / "chunks")
             if limit is not None and len(chunks) > limit:
                 chunks = chunks.shuffle(seed=self.config.run.seed).select(range(limit))
             self.metrics.info(f"data {split_name}: {len(chunks)} chunks of <= {data.max_length} tokens ({report})")

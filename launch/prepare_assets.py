@@ -5,8 +5,11 @@
 Every stage is cached: a second run only checks that each stage is complete.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from fusion.assets.build import STAGES, prepare_assets
 
@@ -16,7 +19,9 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("assets"), help="asset folder (default: assets)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to build (default: all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for training and evaluation")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     prepare_assets(args.root, args.seed, args.stages)
     return 0
 

@@ -122,7 +122,7 @@ def test_load_config_reports_bad_files(tmp_path):
 
 def test_repository_configs_are_valid():
     # Paths are checked by the runs themselves; here only keys, types and values.
-    for path in ("configs/demo.yaml",):
+    for path in ("configs/demo.yaml", "configs/colocated.yaml"):
         load_config(path, check_paths=False)
 
 

@@ -23,12 +23,12 @@ def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fu
     output_dir = tmp_path / name
     config = {
         "target": str(target),
-        "run": {"name": name, "output_dir": str(output_dir), "seed": 7},
+        "run": {"name": name, "output_dir": str(output_dir), "seed": 7, "cache_dir": str(tmp_path / "cache")},
         "topology": {"placement": "colocated", "trainer_ranks": ranks},
         "data": {"corpus": str(corpus), "max_length": 48},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "num_threads": 1, "log_every": 1,
                     "eval_batches": 2, "loss_chunk_size": 37, **trainer},
-        "fusion": {"mode": "none", "cache_dir": str(tmp_path / "cache"), **(fusion or {})},
+        "fusion": {"mode": "none", **(fusion or {})},
         "sources": sources or [],
         "selector": selector or {},
     }

@@ -32,14 +32,14 @@ class LocalModelSpec:
     name: str
     tokenizer: str | None
     domains: tuple[str, ...]
-    hidden_size: int = 192
-    layers: int = 3
+    hidden_size: int = 128
+    layers: int = 2
     heads: int = 4
-    intermediate_size: int = 512
-    steps: int = 150
+    intermediate_size: int = 384
+    steps: int = 80
     batch_size: int = 8
     max_length: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     new_vocab_size: int = 8192
 
 
@@ -49,7 +49,7 @@ SPECIALISTS = (
     LocalModelSpec("shakespeare-wordpiece", "minilm-wordpiece", ("shakespeare",)),
 )
 TARGET = LocalModelSpec("target", None, ("wiki", "shakespeare", "bible", "code"),
-                        hidden_size=256, layers=4, heads=4, intermediate_size=688, steps=200, lr=1.5e-3)
+                        hidden_size=256, layers=4, heads=4, intermediate_size=688, steps=160, lr=1.5e-3)
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
