@@ -1,0 +1,366 @@
+"""Source selection: the gate network, the selection rule, the selector loss and baselines.
+
+Notation: ``b`` sequence of the micro-batch (B of them), ``s`` source (S of them),
+``g[b, s] = softmax_s(u[b, :])`` the gate probabilities from the gate logits ``u``,
+``n[b, s]`` source s's realised negative log-likelihood of sequence b's gold text per UTF-8
+byte (comparable across tokenizers), ``C_b`` the set of sources that ran for sequence b.
+
+Gate (``SelectionNetwork``)
+    ``predictive``: features that exist before any source runs. The target ids are hashed
+    into the selector's own embedding table (``id mod vocab_size``), mean-pooled over the
+    attention mask, layer-normalised and mapped by a two-layer MLP to ``u[b, :]``.
+    ``scores`` (the paper's gate over realised scores; needs every source's score)::
+
+        u[b, :] = A (-n[b, :] / T_gate) + c        (A = I, c = 0 at init; fixed if not learnable)
+
+    so at initialisation ``g[b, :] = softmax(-n[b, :] / T_gate)``.
+
+Selection (``select``)
+    Per sequence, sources are ranked by ``g`` (ties: lower source index first); the source of
+    rank r (0-based) is chosen when it is available and
+    ``(g > tau and r < max_sources) or r < min_sources``. With probability
+    ``exploration_rate`` one more available, unchosen source (uniformly at random) is added,
+    so a sequence may get ``max_sources + 1`` sources.
+
+Selector loss (``selector_loss``)
+    Only the sources that ran have a realised score, so the prediction target is restricted
+    to them. For every sequence with ``|C_b| >= 2``::
+
+        p[b, s] = exp(u[b, s]) / sum_{s' in C_b} exp(u[b, s'])          (gate restricted to C_b)
+        r[b, s] = exp(-n[b, s] / T) / sum_{s' in C_b} exp(-n[b, s'] / T)
+        CE_b    = -sum_{s in C_b} r[b, s] log p[b, s]
+
+    Sequences with fewer than two sources carry no information about which source is best
+    and are left out. With ``E = {b : |C_b| >= 2}``, the feedback (load-balancing) term of the
+    paper is the squared coefficient of variation of the source importance::
+
+        I_s    = sum_b g[b, s]                              (full gate, all B sequences)
+        CV^2   = Var(I) / Mean(I)^2,  Var(I) = (1/S) sum_s (I_s - Mean(I))^2
+        loss   = (1/|E|) sum_{b in E} CE_b + beta * CV^2     (first term 0 when E is empty)
+
+    ``Var`` is the population variance: the S sources are the whole population, not a sample
+    of it, so CV^2 = 0 exactly at balance, S - 1 at total collapse, and it is defined for S = 1
+    (the unbiased estimator would divide by S - 1 = 0). ``Mean(I) = B / S`` is never 0.
+
+Baselines (``baseline_weights``), from per-sequence source cross-entropies ``e[b, s]``
+(per token as in FuseLLM, or per byte) over the available sources ``A``::
+
+    none         w[b, s] = 0                                        (plain LM training)
+    all_uniform  w[b, s] = 1 / |A|
+    min_ce       w[b, s] = 1 if s = argmin_{s' in A} e[b, s'] else 0   (FuseLLM MinCE)
+    avg_ce       w[b, s] = softmax_{s in A}(exp(-e[b, s]))             (FuseLLM AvgCE)
+
+``avg_ce`` reproduces FuseLLM's released trainer (``distill_weighted_as_gt``): each source's
+reward is ``1 / exp(CE)`` and the weights are the softmax of the rewards, not ``softmax(-CE)``.
+Rewards lie in (0, 1], so these weights are close to uniform (ratios at most e).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATE_MODES = ("predictive", "scores")
+BASELINE_MODES = ("all_uniform", "avg_ce", "min_ce", "none")
+EXPLORATION_SCHEDULES = ("constant", "linear", "exponential")
+
+
+class SelectionNetwork(nn.Module):
+    """Gate over S sources; persistent, trained by the trainer with its own optimizer.
+
+    Args:
+        num_sources: S >= 1.
+        mode: ``"predictive"`` (from target ids) or ``"scores"`` (from realised scores).
+        vocab_size: rows of the selector's own embedding table (ids are hashed modulo it, so
+            it may be much smaller than the target vocabulary).
+        embed_dim: embedding width (predictive).
+        hidden_dim: MLP hidden width (predictive).
+        gate_temperature: ``T_gate`` of the scores gate.
+        learnable_scores: scores mode: learn ``A``/``c`` (identity/zero at init) or keep the
+            fixed ``softmax(-n / T_gate)`` gate.
+
+    Raises:
+        ValueError: unknown mode or non-positive sizes / temperature.
+    """
+
+    def __init__(
+        self,
+        num_sources: int,
+        mode: str = "predictive",
+        vocab_size: int = 8192,
+        embed_dim: int = 64,
+        hidden_dim: int = 128,
+        gate_temperature: float = 1.0,
+        learnable_scores: bool = True,
+    ):
+        super().__init__()
+        if mode not in GATE_MODES:
+            raise ValueError(f"selector mode={mode!r} is not a gate mode; use one of {GATE_MODES}")
+        for name, value in (("num_sources", num_sources), ("vocab_size", vocab_size),
+                            ("embed_dim", embed_dim), ("hidden_dim", hidden_dim)):
+            if value < 1:
+                raise ValueError(f"selector {name}={value} must be >= 1")
+        if not gate_temperature > 0:
+            raise ValueError(f"selector gate_temperature={gate_temperature} must be > 0")
+        self.num_sources = num_sources
+        self.mode = mode
+        self.vocab_size = vocab_size
+        self.gate_temperature = gate_temperature
+        if mode == "predictive":
+            self.embedding = nn.Embedding(vocab_size, embed_dim)
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(embed_dim),
+                nn.Linear(embed_dim, hidden_dim),
+                nn.GELU(),
+                nn.Linear(hidden_dim, num_sources),
+            )
+        else:
+            self.score_map = nn.Linear(num_sources, num_sources)
+            with torch.no_grad():
+                self.score_map.weight.copy_(torch.eye(num_sources))
+                self.score_map.bias.zero_()
+            self.score_map.requires_grad_(learnable_scores)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        nll_per_byte: Tensor | None = None,
+    ) -> Tensor:
+        """Gate logits ``u[B, S]`` (``softmax(u, -1)`` gives the gate probabilities).
+
+        Args:
+            input_ids: ``[B, L]`` target ids (predictive mode).
+            attention_mask: ``[B, L]`` 1 for real tokens (predictive mode; default all ones).
+            nll_per_byte: ``[B, S]`` realised score of every source (scores mode).
+
+        Raises:
+            ValueError: the input the mode needs is missing, has the wrong shape, or (scores
+                mode) contains NaN/inf.
+        """
+        if self.mode == "predictive":
+            if input_ids is None or input_ids.dim() != 2:
+                raise ValueError("predictive selector needs input_ids of shape [B, L]")
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            embedded = self.embedding(input_ids.long().remainder(self.vocab_size))
+            weights = mask.to(embedded.dtype).unsqueeze(-1)
+            pooled = (embedded * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+            return self.mlp(pooled)
+        if nll_per_byte is None or nll_per_byte.dim() != 2 or nll_per_byte.shape[1] != self.num_sources:
+            raise ValueError(f"scores selector needs nll_per_byte of shape [B, {self.num_sources}]")
+        if not bool(torch.isfinite(nll_per_byte).all()):
+            raise ValueError(
+                "scores selector got NaN/inf in nll_per_byte: this mode needs the score of every source "
+                "(run all sources or read offline labels)"
+            )
+        return self.score_map(-nll_per_byte.float() / self.gate_temperature)
+
+
+def select(
+    probs: Tensor,
+    tau: float,
+    min_sources: int,
+    max_sources: int,
+    exploration_rate: float,
+    generator: torch.Generator | None = None,
+    available_mask: Tensor | None = None,
+) -> Tensor:
+    """Choose the sources that run for each sequence (rule in the module docstring).
+
+    Args:
+        probs: ``[B, S]`` gate probabilities.
+        tau: probability threshold; sources with ``probs > tau`` are kept.
+        min_sources: at least this many (the top ones), capped at the available count; >= 1.
+        max_sources: at most this many before exploration; >= ``min_sources``.
+        exploration_rate: probability per sequence of adding one unchosen available source.
+        generator: RNG for exploration, on ``probs``' device (one per rank for reproducible runs).
+        available_mask: ``[S]`` bool, false for sources that are down; default all available.
+
+    Returns:
+        ``[B, S]`` bool chosen mask; never chooses an unavailable source.
+
+    Raises:
+        ValueError: bad shapes or bounds, or no source available.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [B, S], got shape {tuple(probs.shape)}")
+    batch, sources = probs.shape
+    if not 1 <= min_sources <= max_sources:
+        raise ValueError(f"need 1 <= min_sources ({min_sources}) <= max_sources ({max_sources})")
+    if not 0.0 <= exploration_rate <= 1.0:
+        raise ValueError(f"exploration_rate={exploration_rate} must be in [0, 1]")
+    available = (
+        torch.ones(sources, dtype=torch.bool, device=probs.device)
+        if available_mask is None
+        else available_mask.to(device=probs.device, dtype=torch.bool)
+    )
+    if available.shape != (sources,):
+        raise ValueError(f"available_mask has shape {tuple(available.shape)}, expected [{sources}]")
+    if not bool(available.any()):
+        raise ValueError("no source is available; at least one source must be up to select from")
+
+    # Unavailable sources rank below every real probability and are masked out at the end.
+    ranked_probs = torch.where(available, probs.detach().float(), -1.0)
+    order = ranked_probs.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(sources, device=probs.device).expand(batch, -1))
+    chosen = ((ranked_probs > tau) & (rank < max_sources)) | (rank < min_sources)
+    chosen &= available
+
+    if exploration_rate > 0:
+        explore = torch.rand(batch, generator=generator, device=probs.device) < exploration_rate
+        candidates = available & ~chosen
+        scores = torch.rand(batch, sources, generator=generator, device=probs.device)
+        pick = torch.where(candidates, scores, -1.0).argmax(dim=1)
+        add = explore & candidates.any(dim=1)
+        chosen[add, pick[add]] = True
+    return chosen
+
+
+def exploration_rate_at(step: int, start: float, end: float, decay_steps: int, schedule: str = "linear") -> float:
+    """Exploration rate at an optimizer step, decaying from ``start`` to ``end``.
+
+    With ``f = min(step / decay_steps, 1)``:
+    ``constant``: ``start``; ``linear``: ``start + (end - start) * f``;
+    ``exponential`` (geometric interpolation): ``start * (end / start) ** f``.
+    After ``decay_steps`` the rate stays at ``end``.
+
+    Raises:
+        ValueError: unknown schedule, rates outside [0, 1], ``decay_steps < 1``, or an
+            exponential schedule with a zero rate (use linear to decay to 0).
+    """
+    if schedule not in EXPLORATION_SCHEDULES:
+        raise ValueError(f"exploration schedule={schedule!r} is unknown; use one of {EXPLORATION_SCHEDULES}")
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+        raise ValueError(f"exploration rates start={start}, end={end} must be in [0, 1]")
+    if decay_steps < 1:
+        raise ValueError(f"exploration decay_steps={decay_steps} must be >= 1")
+    fraction = min(max(step, 0) / decay_steps, 1.0)
+    if schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (end - start) * fraction
+    if start <= 0 or end <= 0:
+        raise ValueError("exponential exploration decay needs start > 0 and end > 0; use 'linear' to reach 0")
+    return start * math.exp(fraction * math.log(end / start))
+
+
+@dataclass(frozen=True)
+class SelectorStats:
+    """Detached parts of the selector loss, for logging.
+
+    Attributes:
+        ce: 0-dim, mean restricted cross-entropy over sequences with >= 2 sources (0 if none).
+        cv2: 0-dim, squared coefficient of variation of the importance.
+        importance: ``[S]``, ``I_s = sum_b g[b, s]``.
+        measured_sequences: 0-dim int64, sequences with >= 2 sources (the CE term's count).
+    """
+
+    ce: Tensor
+    cv2: Tensor
+    importance: Tensor
+    measured_sequences: Tensor
+
+
+def selector_loss(
+    gate_logits: Tensor,
+    chosen: Tensor,
+    realised_nll_per_byte: Tensor,
+    beta: float,
+    score_temperature: float,
+) -> tuple[Tensor, SelectorStats]:
+    """Restricted cross-entropy to the realised ranking + ``beta`` * CV^2 (module docstring).
+
+    Args:
+        gate_logits: ``[B, S]`` gate logits ``u`` (differentiable).
+        chosen: ``[B, S]`` bool, the sources that ran.
+        realised_nll_per_byte: ``[B, S]`` scores; read only where ``chosen`` (may be NaN elsewhere).
+        beta: weight of the feedback term, >= 0.
+        score_temperature: ``T`` > 0 of the target ``softmax(-n / T)``.
+
+    Returns:
+        ``(loss, stats)`` with a 0-dim float32 loss.
+
+    Raises:
+        ValueError: shape mismatch, ``beta < 0``, ``score_temperature <= 0``, or a non-finite
+            score for a source that ran.
+    """
+    if gate_logits.dim() != 2 or chosen.shape != gate_logits.shape or realised_nll_per_byte.shape != gate_logits.shape:
+        raise ValueError(
+            f"gate_logits {tuple(gate_logits.shape)}, chosen {tuple(chosen.shape)} and realised_nll_per_byte "
+            f"{tuple(realised_nll_per_byte.shape)} must all be [B, S]"
+        )
+    if beta < 0:
+        raise ValueError(f"selector beta={beta} must be >= 0")
+    if not score_temperature > 0:
+        raise ValueError(f"selector score_temperature={score_temperature} must be > 0")
+    chosen = chosen.bool()
+    nll = realised_nll_per_byte.detach().float()
+    if bool((chosen & ~torch.isfinite(nll)).any()):
+        raise ValueError("realised_nll_per_byte is NaN/inf for a source that ran; every chosen source needs a score")
+
+    logits = gate_logits.float()
+    measured = chosen.sum(dim=1) >= 2
+    restricted_log_p = torch.log_softmax(logits.masked_fill(~chosen, -math.inf), dim=1)
+    target = torch.softmax((-nll / score_temperature).masked_fill(~chosen, -math.inf), dim=1)
+    # Rows with one or no source give NaN/-inf above; they are excluded before summing.
+    per_sequence = -(torch.where(chosen, target * restricted_log_p, 0.0)).sum(dim=1)
+    count = measured.sum()
+    ce = torch.where(measured, per_sequence, 0.0).sum() / count.clamp_min(1)
+
+    importance = torch.softmax(logits, dim=1).sum(dim=0)
+    cv2 = importance.var(unbiased=False) / importance.mean().square()
+    loss = ce + beta * cv2
+    stats = SelectorStats(ce=ce.detach(), cv2=cv2.detach(), importance=importance.detach(), measured_sequences=count)
+    return loss, stats
+
+
+def baseline_weights(mode: str, source_ce: Tensor, available_mask: Tensor | None = None) -> Tensor:
+    """Sequence weights of the trainer-side baseline policies (equations in the module docstring).
+
+    Args:
+        mode: one of ``all_uniform``, ``avg_ce``, ``min_ce``, ``none``.
+        source_ce: ``[B, S]`` per-sequence cross-entropy of each source (per token or per
+            byte); only read for ``avg_ce`` / ``min_ce`` and only for available sources.
+        available_mask: ``[S]`` bool; default all available.
+
+    Returns:
+        ``[B, S]`` float32 weights, summing to 1 per sequence (all zero for ``none``), zero for
+        unavailable sources. Ties in ``min_ce`` go to the lowest source index.
+
+    Raises:
+        ValueError: unknown mode, bad shapes, no available source, or a non-finite score of an
+            available source when the mode reads scores.
+    """
+    if mode not in BASELINE_MODES:
+        raise ValueError(f"baseline mode={mode!r} is unknown; use one of {BASELINE_MODES}")
+    if source_ce.dim() != 2:
+        raise ValueError(f"source_ce must be [B, S], got shape {tuple(source_ce.shape)}")
+    batch, sources = source_ce.shape
+    available = (
+        torch.ones(sources, dtype=torch.bool, device=source_ce.device)
+        if available_mask is None
+        else available_mask.to(device=source_ce.device, dtype=torch.bool)
+    )
+    if available.shape != (sources,):
+        raise ValueError(f"available_mask has shape {tuple(available.shape)}, expected [{sources}]")
+    if mode == "none":
+        return torch.zeros(batch, sources, device=source_ce.device)
+    if not bool(available.any()):
+        raise ValueError(f"baseline mode={mode!r} needs at least one available source")
+    if mode == "all_uniform":
+        return (available.float() / available.sum()).expand(batch, -1).clone()
+
+    ce = source_ce.detach().float()
+    if bool((available & ~torch.isfinite(ce)).any()):
+        raise ValueError(f"baseline mode={mode!r} needs a finite score for every available source")
+    if mode == "min_ce":
+        best = torch.where(available, ce, math.inf).argmin(dim=1)
+        return F.one_hot(best, sources).float()
+    reward = torch.where(available, torch.exp(-ce), -math.inf)
+    return torch.softmax(reward, dim=1)

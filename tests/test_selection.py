@@ -1,0 +1,258 @@
+"""Selection rule, selector loss, baselines and two small learning experiments."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from fusion.selection import (
+    SelectionNetwork,
+    baseline_weights,
+    exploration_rate_at,
+    select,
+    selector_loss,
+)
+
+VOCAB, LENGTH, SOURCES = 97, 13, 4
+# Domain d is the disjoint token set {d, d + 4, d + 8, ...}.
+DOMAIN_TOKENS = [torch.arange(d, VOCAB, SOURCES) for d in range(SOURCES)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def as_mask(rows, sources):
+    mask = torch.zeros(len(rows), sources, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        mask[b, list(row)] = True
+    return mask
+
+
+def test_select_honours_tau_min_max_and_unavailable():
+    probs = torch.tensor(
+        [
+            [0.50, 0.30, 0.15, 0.05],  # 0.15 is not > tau
+            [0.90, 0.04, 0.03, 0.03],
+            [0.30, 0.30, 0.20, 0.20],  # four above tau, max 3, tie broken by index
+            [0.10, 0.10, 0.10, 0.70],
+        ]
+    )
+    chosen = select(probs, tau=0.15, min_sources=1, max_sources=3, exploration_rate=0.0)
+    assert torch.equal(chosen, as_mask([{0, 1}, {0}, {0, 1, 2}, {3}], 4))
+
+    chosen = select(probs, tau=0.15, min_sources=2, max_sources=2, exploration_rate=0.0)
+    assert torch.equal(chosen, as_mask([{0, 1}, {0, 1}, {0, 1}, {3, 0}], 4))
+
+    down = torch.tensor([False, True, True, False])
+    chosen = select(probs, tau=0.15, min_sources=1, max_sources=3, exploration_rate=0.0, available_mask=down)
+    assert torch.equal(chosen, as_mask([{1}, {1}, {1, 2}, {1}], 4))
+    # min_sources above the number of available sources: all available ones, nothing else.
+    chosen = select(probs, tau=0.15, min_sources=3, max_sources=4, exploration_rate=1.0, available_mask=down)
+    assert torch.equal(chosen, as_mask([{1, 2}] * 4, 4))
+
+    with pytest.raises(ValueError, match="no source is available"):
+        select(probs, 0.15, 1, 2, 0.0, available_mask=torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="min_sources"):
+        select(probs, 0.15, 3, 2, 0.0)
+
+
+def test_exploration_rate_is_statistically_right():
+    batch, rate = 20000, 0.3
+    probs = torch.tensor([0.9, 0.04, 0.03, 0.02, 0.01]).expand(batch, -1)
+    available = torch.tensor([True, True, True, True, False])
+    gen = torch.Generator().manual_seed(0)
+    chosen = select(probs, 0.15, 1, 1, rate, generator=gen, available_mask=available)
+
+    assert bool(chosen[:, 0].all()) and not bool(chosen[:, 4].any())
+    extra = chosen.sum(dim=1) - 1
+    assert set(extra.unique().tolist()) <= {0, 1}
+    sigma = math.sqrt(rate * (1 - rate) / batch)
+    assert abs(extra.float().mean().item() - rate) < 4 * sigma
+    # The added source is uniform over the three unchosen available ones.
+    per_source = chosen[:, 1:4].float().mean(dim=0)
+    p = rate / 3
+    assert (per_source - p).abs().max().item() < 4 * math.sqrt(p * (1 - p) / batch)
+
+    again = select(probs, 0.15, 1, 1, rate, generator=torch.Generator().manual_seed(0), available_mask=available)
+    assert torch.equal(chosen, again)
+    assert not bool((select(probs, 0.15, 1, 1, 0.0).sum(1) > 1).any())
+    assert bool((select(probs, 0.15, 1, 1, 1.0, available_mask=available).sum(1) == 2).all())
+
+
+def test_exploration_schedules():
+    assert exploration_rate_at(0, 0.2, 0.02, 100, "linear") == pytest.approx(0.2)
+    assert exploration_rate_at(50, 0.2, 0.02, 100, "linear") == pytest.approx(0.11)
+    assert exploration_rate_at(500, 0.2, 0.02, 100, "linear") == pytest.approx(0.02)
+    assert exploration_rate_at(50, 0.2, 0.02, 100, "exponential") == pytest.approx(math.sqrt(0.2 * 0.02))
+    assert exploration_rate_at(500, 0.2, 0.02, 100, "exponential") == pytest.approx(0.02)
+    assert exploration_rate_at(70, 0.1, 0.0, 100, "constant") == 0.1
+    with pytest.raises(ValueError, match="linear"):
+        exploration_rate_at(1, 0.1, 0.0, 100, "exponential")
+    with pytest.raises(ValueError, match="schedule"):
+        exploration_rate_at(1, 0.1, 0.0, 100, "cosine")
+
+
+def test_selector_loss_hand_computed():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
+    logits = probs.log().requires_grad_()
+    chosen = as_mask([{0, 1}, {2}, {0, 1, 2}], 3)
+    nan = math.nan
+    nll = torch.tensor([[1.0, 2.0, nan], [nan, nan, 0.7], [1.0, 1.0, 2.0]])
+    loss, stats = selector_loss(logits, chosen, nll, beta=0.5, score_temperature=0.5)
+
+    # Row 0: target softmax(-[1, 2] / 0.5), gate restricted to {0, 1} = (2/3, 1/3).
+    r0 = [1 / (1 + math.exp(-2)), math.exp(-2) / (1 + math.exp(-2))]
+    ce0 = -(r0[0] * math.log(2 / 3) + r0[1] * math.log(1 / 3))
+    # Row 1 ran one source: left out. Row 2: target ∝ (e^-2, e^-2, e^-4), gate (0.5, 0.25, 0.25).
+    z = 2 * math.exp(-2) + math.exp(-4)
+    r2 = [math.exp(-2) / z, math.exp(-2) / z, math.exp(-4) / z]
+    ce2 = -(r2[0] * math.log(0.5) + r2[1] * math.log(0.25) + r2[2] * math.log(0.25))
+    # Importance (1.3, 0.75, 0.95): mean 1, population variance (0.09 + 0.0625 + 0.0025) / 3.
+    cv2 = (0.09 + 0.0625 + 0.0025) / 3 / 1.0**2
+
+    assert stats.ce.item() == pytest.approx((ce0 + ce2) / 2, rel=1e-5)
+    assert stats.cv2.item() == pytest.approx(cv2, rel=1e-5)
+    assert stats.importance.tolist() == pytest.approx([1.3, 0.75, 0.95], rel=1e-5)
+    assert stats.measured_sequences.item() == 2
+    assert loss.item() == pytest.approx((ce0 + ce2) / 2 + 0.5 * cv2, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_selector_loss_degenerate_cases_are_finite():
+    one_source = torch.zeros(4, 1, requires_grad=True)
+    loss, stats = selector_loss(one_source, torch.ones(4, 1, dtype=torch.bool), torch.ones(4, 1), 0.5, 1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and stats.measured_sequences.item() == 0
+    assert torch.equal(one_source.grad, torch.zeros(4, 1))
+
+    logits = torch.randn(3, 5, requires_grad=True)
+    single = as_mask([{0}, {3}, {4}], 5)
+    loss, stats = selector_loss(logits, single, torch.where(single, 1.0, math.nan), 0.0, 1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    broken = torch.full((3, 5), math.nan)
+    broken[2, 4] = math.inf
+    with pytest.raises(ValueError, match="source that ran"):
+        selector_loss(logits, single, broken, 0.0, 1.0)
+
+
+def test_baseline_weights():
+    ce = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.7, 0.1]])
+    available = torch.tensor([True, True, False])
+    assert baseline_weights("none", ce).tolist() == [[0.0] * 3] * 2
+    assert baseline_weights("all_uniform", ce, available).tolist() == [[0.5, 0.5, 0.0]] * 2
+    assert baseline_weights("min_ce", ce, available).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert baseline_weights("min_ce", ce).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    # FuseLLM AvgCE: softmax over the rewards exp(-CE).
+    a, b = math.exp(math.exp(-2.0)), math.exp(math.exp(-1.0))
+    assert baseline_weights("avg_ce", ce, available)[0].tolist() == pytest.approx([a / (a + b), b / (a + b), 0.0])
+    with pytest.raises(ValueError, match="baseline mode"):
+        baseline_weights("max_ce", ce)
+    with pytest.raises(ValueError, match="finite"):
+        baseline_weights("min_ce", torch.tensor([[math.nan, 1.0]]))
+
+
+def test_selection_network_modes():
+    torch.manual_seed(0)
+    scores = SelectionNetwork(3, mode="scores", gate_temperature=0.5)
+    nll = torch.tensor([[1.0, 2.0, 0.5]])
+    torch.testing.assert_close(torch.softmax(scores(nll_per_byte=nll), -1), torch.softmax(-nll / 0.5, -1))
+    with pytest.raises(ValueError, match="every source"):
+        scores(nll_per_byte=torch.tensor([[1.0, math.nan, 0.5]]))
+
+    net = SelectionNetwork(5, vocab_size=31, embed_dim=8, hidden_dim=16)
+    ids = torch.randint(0, 1000, (2, 7))  # ids beyond vocab_size are hashed
+    mask = torch.ones(2, 7, dtype=torch.long)
+    padded_ids = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    out = net(ids, mask)
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(net(padded_ids, padded_mask), out)
+    with pytest.raises(ValueError, match="input_ids"):
+        net(nll_per_byte=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="mode"):
+        SelectionNetwork(2, mode="oracle")
+
+
+def domain_batch(gen, batch):
+    domains = torch.randint(0, SOURCES, (batch,), generator=gen)
+    ids = torch.stack(
+        [DOMAIN_TOKENS[d][torch.randint(0, len(DOMAIN_TOKENS[d]), (LENGTH,), generator=gen)] for d in domains.tolist()]
+    )
+    return ids, domains
+
+
+def realised_scores(gen, domains, margin, best_source=None):
+    """NLL per byte 1.5 ± 0.05, lowered by ``margin`` for the best source (default: the domain's)."""
+    nll = 1.5 + 0.05 * torch.randn(len(domains), SOURCES, generator=gen)
+    rows = torch.arange(len(domains))
+    nll[rows, domains if best_source is None else best_source] -= margin
+    return nll
+
+
+def train_selector(seed, steps, beta, exploration, score_temperature, scores_for_step):
+    """The trainer's selector loop; only the chosen sources are measured (others NaN)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = SelectionNetwork(SOURCES, vocab_size=VOCAB, embed_dim=16, hidden_dim=32)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(steps):
+        ids, domains = domain_batch(gen, 32)
+        logits = net(ids)
+        chosen = select(torch.softmax(logits, -1).detach(), 0.15, 1, 2, exploration, generator=gen)
+        measured = torch.where(chosen, scores_for_step(gen, step, domains), math.nan)
+        loss, _ = selector_loss(logits, chosen, measured, beta, score_temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, gen
+
+
+def evaluate(net, gen):
+    ids, domains = domain_batch(gen, 1000)
+    with torch.no_grad():
+        probs = torch.softmax(net(ids), -1)
+    chosen = select(probs, 0.15, 1, 2, 0.0)
+    share = chosen.sum(dim=0).float() / chosen.sum()
+    return (probs.argmax(-1) == domains).float().mean().item(), share
+
+
+def test_selector_learns_to_route_each_domain_to_its_source():
+    start = time.perf_counter()
+    net, gen = train_selector(
+        seed=0, steps=150, beta=0.5, exploration=0.1, score_temperature=0.1,
+        scores_for_step=lambda g, step, domains: realised_scores(g, domains, margin=0.5),
+    )
+    accuracy, _ = evaluate(net, gen)
+    assert accuracy >= 0.9
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_feedback_loss_prevents_collapse(seed):
+    """Source 0 is slightly better everywhere for the first 150 steps, then each source is
+    best on its own domain. Exploration is off, so a source is measured only if the gate
+    chose it: without the feedback term the gate collapses onto source 0 in phase one and
+    never measures the others again; with beta = 0.5 it keeps them and learns the routing."""
+
+    def scores(gen, step, domains):
+        if step < 150:
+            return realised_scores(gen, domains, margin=0.1, best_source=0)
+        return realised_scores(gen, domains, margin=0.5)
+
+    outcomes = {}
+    for beta in (0.0, 0.5):
+        net, gen = train_selector(seed, 300, beta, 0.0, 0.05, scores)
+        outcomes[beta] = evaluate(net, gen)
+    accuracy, share = outcomes[0.0]
+    assert share.max().item() >= 0.95
+    accuracy, share = outcomes[0.5]
+    assert share.max().item() < 0.95
+    assert accuracy >= 0.9
