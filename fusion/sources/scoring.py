@@ -1,0 +1,306 @@
+"""Score texts with one source model: sparse top-k next-token answers at TARGET positions.
+
+The scorer is placement-agnostic: ``model`` is any callable taking ``input_ids`` and
+``attention_mask`` and returning logits ``[B, L, V]`` (a tensor, or an object with
+``.logits`` such as a Hugging Face CausalLM output or a DeepSpeed inference engine's).
+The vocabulary size V is read from the logits, never from ``len(tokenizer)``: padded
+vocabularies make them differ.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fusion.alignment import align_next_token_positions
+from fusion.sources.answer import SparseSoftLabels
+from fusion.vocab_map import VocabMap
+
+Offsets = Sequence[tuple[int, int]]
+
+
+def encode_with_offsets(
+    tokenizer, texts: Sequence[str], max_length: int | None = None
+) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[list[int]]]:
+    """Token ids, character offsets and special-token masks of ``texts`` (special tokens added).
+
+    This is the one encoding used for both sides of the alignment, so the target positions of a
+    stored answer are those of ``encode_with_offsets(target_tokenizer, texts, max_length)``.
+
+    Raises:
+        ValueError: the tokenizer is not a fast tokenizer (it has no character offsets).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer and gives no character offsets; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+    encoding = tokenizer(
+        list(texts),
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
+    offsets = [[tuple(pair) for pair in row] for row in encoding["offset_mapping"]]
+    return encoding["input_ids"], offsets, encoding["special_tokens_mask"]
+
+
+def next_token_topk(
+    logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    next_ids: torch.Tensor,
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_rows: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k next-token log-probs and the gold token's log-prob at every real position.
+
+    The full-vocabulary log-softmax is taken in float32 over at most ``chunk_rows`` (sequence,
+    position) rows at a time, so the extra memory is ``chunk_rows × V × 4`` bytes whatever the
+    batch size.
+
+    Args:
+        logits: ``[B, L, V]`` source logits (any float dtype).
+        attention_mask: ``[B, L]``; 0 marks padding, whose outputs are left at their fill values.
+        next_ids: ``[B, L]`` int64 id of the gold token following each position, -100 where
+            none is scored.
+        top_k: candidates kept per position.
+        temperature: logits are divided by it before the candidates' log-softmax (not for gold).
+        chunk_rows: rows whose full-vocabulary log-softmax is held at once.
+
+    Returns:
+        ``(logprobs [B, L, k] float32, ids [B, L, k] int64, gold_logprob [B, L] float32)``; padding
+        gets ``-inf``/0 and positions without a gold token get a gold log-prob of 0.
+
+    Raises:
+        ValueError: ``top_k`` exceeds the vocabulary, or ``temperature``/``chunk_rows`` is not positive.
+    """
+    batch, length, vocab = logits.shape
+    if not 0 < top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must lie in [1, {vocab}] (the logits' vocabulary width)")
+    if temperature <= 0 or chunk_rows <= 0:
+        raise ValueError(f"temperature={temperature} and chunk_rows={chunk_rows} must both be positive")
+    flat_logits = logits.reshape(batch * length, vocab)
+    flat_next = next_ids.reshape(-1).to(logits.device)
+    rows = attention_mask.reshape(-1).to(logits.device).nonzero().squeeze(1)
+    top_logprobs = torch.full((batch * length, top_k), float("-inf"), dtype=torch.float32, device=logits.device)
+    top_ids = torch.zeros(batch * length, top_k, dtype=torch.long, device=logits.device)
+    gold_logprob = torch.zeros(batch * length, dtype=torch.float32, device=logits.device)
+    for start in range(0, rows.numel(), chunk_rows):
+        chunk = rows[start : start + chunk_rows]
+        x = flat_logits[chunk].float()
+        log_normaliser = torch.logsumexp(x, dim=-1)
+        values, ids = x.topk(top_k, dim=-1)
+        if temperature == 1.0:
+            top_logprobs[chunk] = values - log_normaliser[:, None]
+        else:
+            top_logprobs[chunk] = values / temperature - torch.logsumexp(x / temperature, dim=-1, keepdim=True)
+        top_ids[chunk] = ids
+        gold = flat_next[chunk]
+        has_gold = gold >= 0
+        gold_logit = x.gather(1, gold.clamp(min=0)[:, None]).squeeze(1)
+        gold_logprob[chunk] = torch.where(has_gold, gold_logit - log_normaliser, 0.0)
+    return (
+        top_logprobs.view(batch, length, top_k),
+        top_ids.view(batch, length, top_k),
+        gold_logprob.view(batch, length),
+    )
+
+
+def _scored_bytes(text: str, offsets: Offsets, special: Sequence[int], scored: np.ndarray) -> int:
+    """UTF-8 bytes of the text covered by the scored tokens.
+
+    A tokenizer without BOS never predicts its first token, and truncation drops the tail;
+    counting only the covered span keeps nats per byte comparable across tokenizers. The span
+    starts at the end of the token before the first scored one (so a leading space trimmed from
+    a token's offsets is still counted), or at 0 when that token is special (BOS).
+    """
+    positions = np.flatnonzero(scored)
+    if positions.size == 0:
+        return 0
+    first, last = positions[0], positions[-1]
+    before = [p for p in range(first) if not special[p]]
+    start = offsets[before[-1]][1] if before else 0
+    return len(text[start : offsets[last][1]].encode("utf-8"))
+
+
+def _logits_of(output) -> torch.Tensor:
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(
+            f"the source model returned {type(output).__name__}; expected logits [B, L, V] as a tensor "
+            "or as the .logits attribute of its output"
+        )
+    return logits
+
+
+class SourceScorer:
+    """One source model's sparse answers, aligned to a target tokenizer's positions and vocabulary.
+
+    Args:
+        model: callable ``model(input_ids=[B, L] int64, attention_mask=[B, L] int64)`` returning
+            logits ``[B, L, V]`` (directly or as ``.logits``).
+        source_tokenizer: the source's fast tokenizer.
+        target_tokenizer: the target's fast tokenizer (used when ``score`` gets no target offsets).
+        vocab_map: source→target vocabulary map built for V source ids (the logits' width).
+        top_k: candidates kept per position.
+        temperature: source logits are divided by it before the candidates' log-softmax; 1.0 keeps
+            the model's own distribution (the ``SparseSoftLabels`` convention). NLLs always use 1.0.
+        dtype: dtype of the returned logprobs.
+        max_length: tokens per sequence (both tokenizers truncate to it); None: no truncation.
+        chunk_rows: (sequence, position) rows whose full-vocabulary log-softmax is held at once.
+        device: where input ids are placed; default the device of the model's first parameter
+            (CPU when the model has none).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        source_tokenizer,
+        target_tokenizer,
+        vocab_map: VocabMap,
+        top_k: int = 10,
+        temperature: float = 1.0,
+        dtype: torch.dtype = torch.float16,
+        max_length: int | None = None,
+        chunk_rows: int = 512,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if top_k <= 0 or temperature <= 0:
+            raise ValueError(f"SourceScorer: top_k={top_k} and temperature={temperature} must both be positive")
+        self.model = model
+        self.source_tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.vocab_map = vocab_map
+        self.top_k = top_k
+        self.temperature = temperature
+        self.dtype = dtype
+        self.max_length = max_length
+        self.chunk_rows = chunk_rows
+        if device is None and isinstance(model, torch.nn.Module):
+            device = next(model.parameters(), torch.empty(0)).device
+        self.device = torch.device(device or "cpu")
+        pad_id = getattr(source_tokenizer, "pad_token_id", None)
+        # Any id works for padding (it is masked and right-aligned); 0 when the tokenizer has none.
+        self.pad_id = 0 if pad_id is None else pad_id
+
+    def score(
+        self, texts: Sequence[str], target_offsets: Sequence[Offsets] | None = None, length: int | None = None
+    ) -> SparseSoftLabels:
+        """Sparse answers of the source for ``texts`` at target positions, in one forward pass.
+
+        Args:
+            texts: B texts.
+            target_offsets: per text, the target tokenizer's character offsets of its (unpadded)
+                encoding including special tokens; default ``encode_with_offsets(target_tokenizer,
+                texts, max_length)``. Target position t of row i is token t of that encoding
+                (right padding).
+            length: position dimension L of the answer (≥ every target length); default the longest.
+
+        Returns:
+            ``SparseSoftLabels`` on CPU with ``[B, L, k]`` candidates. A position is valid when the
+            alignment gives it a source position and at least one candidate maps into the target
+            vocabulary; NLLs count every non-special source token the model predicts (not BOS).
+
+        Raises:
+            ValueError: sizes disagree (offsets vs texts, length, the vocab map vs the logits' width),
+                a text encodes to no tokens, or the model returns no ``[B, L, V]`` logits.
+        """
+        if target_offsets is None:
+            _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        if len(target_offsets) != len(texts):
+            raise ValueError(f"score: got {len(target_offsets)} target offset lists for {len(texts)} texts")
+        longest = max((len(o) for o in target_offsets), default=0)
+        length = longest if length is None else length
+        if longest > length:
+            raise ValueError(f"score: a target sequence has {longest} tokens, more than length={length}")
+
+        ids, source_offsets, special = encode_with_offsets(self.source_tokenizer, texts, self.max_length)
+        input_ids, attention_mask, next_ids = self._batch_tensors(ids, special)
+        with torch.inference_mode():
+            logits = _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask))
+            if logits.shape[:2] != input_ids.shape:
+                raise ValueError(f"score: the model returned logits {tuple(logits.shape)} for input ids {tuple(input_ids.shape)}")
+            if logits.shape[-1] != len(self.vocab_map.source_to_target):
+                raise ValueError(
+                    f"score: the model's logits have {logits.shape[-1]} vocabulary entries but the vocab map covers "
+                    f"{len(self.vocab_map.source_to_target)}; build it with source_vocab_size={logits.shape[-1]}"
+                )
+            top_logprobs, top_ids, gold_logprob = next_token_topk(
+                logits, attention_mask, next_ids, self.top_k, self.temperature, self.chunk_rows
+            )
+            del logits
+        top_logprobs, top_ids, gold_logprob = top_logprobs.cpu(), top_ids.cpu(), gold_logprob.cpu()
+
+        answer = SparseSoftLabels.empty(len(texts), length, self.top_k, self.dtype)
+        self._fill_aligned(answer, texts, source_offsets, target_offsets, top_logprobs, top_ids)
+        scored = (next_ids >= 0).cpu()
+        for row, text in enumerate(texts):
+            count = int(scored[row].sum())
+            nats = -float(gold_logprob[row].double().sum())
+            # scored[j] marks the prediction of token j+1, so the covered tokens are shifted by one.
+            covered = np.concatenate([[False], scored[row, : len(ids[row]) - 1].numpy()])
+            n_bytes = _scored_bytes(text, source_offsets[row], special[row], covered)
+            answer.nll_per_token[row] = nats / count if count else math.nan
+            answer.nll_per_byte[row] = nats / n_bytes if n_bytes else math.nan
+        return answer
+
+    def _batch_tensors(
+        self, ids: list[list[int]], special: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask`` and the scored next ids (-100: not scored)."""
+        width = max((len(row) for row in ids), default=0)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+        next_ids = torch.full((len(ids), width), -100, dtype=torch.long)
+        for row, (row_ids, row_special) in enumerate(zip(ids, special)):
+            n = len(row_ids)
+            if n == 0:
+                raise ValueError(f"score: text {row} encodes to no source tokens; drop empty chunks before scoring")
+            input_ids[row, :n] = torch.tensor(row_ids, dtype=torch.long)
+            attention_mask[row, :n] = 1
+            following = torch.tensor(row_ids[1:], dtype=torch.long)
+            # Predicting a special token (EOS, a separator) says nothing about the text.
+            is_text = ~torch.tensor(row_special[1:], dtype=torch.bool)
+            next_ids[row, : n - 1] = torch.where(is_text, following, -100)
+        return input_ids.to(self.device), attention_mask.to(self.device), next_ids.to(self.device)
+
+    def _fill_aligned(
+        self,
+        answer: SparseSoftLabels,
+        texts: Sequence[str],
+        source_offsets: list[list[tuple[int, int]]],
+        target_offsets: Sequence[Offsets],
+        top_logprobs: torch.Tensor,
+        top_ids: torch.Tensor,
+    ) -> None:
+        """Copy each aligned source position's mapped candidates into ``answer`` (in place)."""
+        rows, positions, sources = [], [], []
+        for row, text in enumerate(texts):
+            aligned = np.asarray(align_next_token_positions(source_offsets[row], target_offsets[row], text), dtype=np.int64)
+            if aligned.shape != (len(target_offsets[row]),) or aligned.max(initial=-1) >= len(source_offsets[row]):
+                raise ValueError(
+                    f"align_next_token_positions returned {aligned.shape} positions up to {aligned.max(initial=-1)} for "
+                    f"{len(target_offsets[row])} target and {len(source_offsets[row])} source tokens"
+                )
+            # The last target position has no next token, whatever the source says about the text's end.
+            hit = np.flatnonzero(aligned[: len(aligned) - 1] >= 0)
+            rows.append(np.full(hit.size, row))
+            positions.append(hit)
+            sources.append(aligned[hit])
+        rows_t = torch.from_numpy(np.concatenate(rows)).long()
+        positions_t = torch.from_numpy(np.concatenate(positions)).long()
+        sources_t = torch.from_numpy(np.concatenate(sources)).long()
+        if rows_t.numel() == 0:
+            return
+        mapped, dropped = self.vocab_map.map_topk(top_ids[rows_t, sources_t].numpy())
+        mapped = torch.as_tensor(np.asarray(mapped), dtype=torch.int32)
+        dropped = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
+        logprobs = top_logprobs[rows_t, sources_t].masked_fill(dropped, float("-inf"))
+        answer.indices[rows_t, positions_t] = mapped.masked_fill(dropped, 0)
+        answer.logprobs[rows_t, positions_t] = logprobs.to(answer.logprobs.dtype)
+        answer.valid[rows_t, positions_t] = ~dropped.all(dim=1)

@@ -1,0 +1,259 @@
+"""Offline soft labels: Arrow storage of answers, sharded precompute, resume after SIGKILL, ranks."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
+
+from fusion.data import build_chunked_split
+from fusion.precompute import MANIFEST, load_answers, load_source, precompute, read_manifest, shard_ranges
+from fusion.sources.answer import SparseSoftLabels, answer_features, from_arrow, to_arrow
+from fusion.sources.scoring import SourceScorer
+from fusion.vocab_map import VocabMap
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "launch" / "precompute.py"
+TOP_K = 5
+MAX_LENGTH = 24
+DOCUMENTS = [
+    "Alpha beta gamma delta. " * 4,
+    "The lazy fox jumps over the quick dog, and the dog naps in the sun all afternoon long.",
+    "naïve café 🙂 and 東京 by night, then Ünïcödé once more.",
+    "def f(x):\n    return x * 2\n\nprint(f(21))\n",
+    "Numbers 31, 4.5 and 1e9 appear in this sentence about numbers.",
+    "Short.",
+    "A longer line of plain words that keeps going so that it must be cut into several chunks here.",
+]
+
+
+def random_answer(batch: int, length: int, k: int, seed: int) -> SparseSoftLabels:
+    generator = torch.Generator().manual_seed(seed)
+    return SparseSoftLabels(
+        indices=torch.randint(0, 1000, (batch, length, k), generator=generator, dtype=torch.int32),
+        logprobs=-torch.rand(batch, length, k, generator=generator).mul(30).to(torch.bfloat16),
+        valid=torch.rand(batch, length, generator=generator) > 0.3,
+        nll_per_token=torch.rand(batch, generator=generator),
+        nll_per_byte=torch.rand(batch, generator=generator),
+    )
+
+
+def test_arrow_round_trip_keeps_each_rows_positions(tmp_path):
+    answer = random_answer(3, 11, 7, seed=0)
+    answer.logprobs[0, 2, 3] = float("-inf")
+    lengths = [11, 4, 0]
+    table = to_arrow(answer, [40, 41, 42], lengths)
+    path = tmp_path / "answers.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    stored = datasets.Dataset.from_file(str(path))
+    assert stored.features == answer_features(7)
+    assert stored["chunk_index"][:] == [40, 41, 42]
+
+    restored = from_arrow(stored.with_format("arrow")[1:3], length=13, dtype=torch.float32)
+    assert restored.length == 13 and not restored.valid[:, 4:].any() and not restored.valid[1].any()
+    assert torch.equal(restored.indices[0, :4], answer.indices[1, :4])
+    assert torch.equal(restored.valid[0, :4], answer.valid[1, :4])
+    # float16 keeps 11 significant bits: error ≤ |x| · 2^-11 on top of the bfloat16 input.
+    torch.testing.assert_close(restored.logprobs[0, :4], answer.logprobs[1, :4].float(), atol=0, rtol=2**-11)
+    assert torch.equal(restored.nll_per_byte, answer.nll_per_byte[1:])
+
+    full = from_arrow(stored.with_format("arrow")[:])
+    assert full.length == 11 and torch.isneginf(full.logprobs[0, 2, 3])
+    with pytest.raises(ValueError, match="requested length"):
+        from_arrow(stored.with_format("arrow")[:], length=10)
+
+
+def test_answer_helpers_pad_select_and_concat():
+    a, b = random_answer(2, 5, 3, seed=1), random_answer(3, 8, 3, seed=2)
+    both = SparseSoftLabels.concat([a, b])
+    assert (both.batch_size, both.length, both.top_k) == (5, 8, 3)
+    assert not both.valid[:2, 5:].any() and torch.isneginf(both.logprobs[:2, 5:].float()).all()
+    picked = both.select([4, 0])
+    assert torch.equal(picked.indices[0], b.indices[2]) and torch.equal(picked.indices[1, :5], a.indices[0])
+    empty = SparseSoftLabels.empty(2, 4, 3)
+    assert not empty.valid.any() and torch.isnan(empty.nll_per_byte).all()
+    with pytest.raises(ValueError, match="top_k"):
+        SparseSoftLabels.concat([a, SparseSoftLabels.empty(1, 5, 4)])
+    with pytest.raises(ValueError, match="valid"):
+        SparseSoftLabels(a.indices, a.logprobs, a.valid[:, :4], a.nll_per_token, a.nll_per_byte)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Two tiny sources, a target tokenizer, a corpus on disk, and one reference CLI run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("precompute")
+    target = byte_level_tokenizer(263, bos=False)
+    target.save_pretrained(root / "target")
+    sources = []
+    for seed, (name, tokenizer) in enumerate([("alpha", metaspace_tokenizer(157)), ("beta", byte_level_tokenizer(301, bos=True))]):
+        tokenizer.save_pretrained(root / name)
+        tiny_llama(len(tokenizer) + 5, seed=seed).save_pretrained(root / name)
+        sources.append((name, str(root / name)))
+    split = datasets.Dataset.from_dict({"text": DOCUMENTS, "domain": ["d"] * len(DOCUMENTS)})
+    datasets.DatasetDict({"train": split}).save_to_disk(str(root / "corpus"))
+    args = [
+        "--sources", *[f"{name}={path}" for name, path in sources], "--target-tokenizer", str(root / "target"),
+        "--corpus", str(root / "corpus"), "--split", "train", "--max-length", str(MAX_LENGTH),
+        "--shard-size", "3", "--batch-size", "2", "--top-k", str(TOP_K), "--no-progress",
+    ]
+    spec = importlib.util.spec_from_file_location("launch_precompute", LAUNCHER)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.main([*args, "--out", str(root / "reference"), "--rank", "0", "--world-size", "1"])
+    tokenizers = [target] + [tokenizer_of(path) for _, path in sources]
+    corpus, _ = build_chunked_split(split, tokenizers, MAX_LENGTH)
+    return {"root": root, "args": args, "sources": sources, "target": target, "corpus": corpus, "launcher": launcher}
+
+
+def tokenizer_of(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def output_files(out_dir: Path) -> dict[str, bytes]:
+    """Every file of the answers (manifests, shards, and any leftover temporary file)."""
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.glob("*/*")) if p.parent.name != "vocab_maps"}
+
+
+def test_reference_run_writes_every_shard_and_manifest(workspace):
+    corpus = workspace["corpus"]
+    for name, _ in workspace["sources"]:
+        manifest = read_manifest(workspace["root"] / "reference" / name)
+        ranges = shard_ranges(len(corpus), 3)
+        assert [(s["start"], s["stop"]) for s in manifest["shards"]] == ranges and len(ranges) >= 4
+        assert manifest["top_k"] == TOP_K and manifest["num_rows"] == len(corpus) == sum(s["num_rows"] for s in manifest["shards"])
+        stored = load_answers(workspace["root"] / "reference" / name)
+        assert stored["chunk_index"][:] == list(range(len(corpus)))
+
+
+def test_stored_answers_equal_direct_scoring(workspace):
+    """Rows on disk (joined by chunk_index) equal the scorer's answer for the same chunks."""
+    name, path = workspace["sources"][0]
+    model, source_tokenizer = load_source(path, "cpu", torch.float32)
+    vocab_map = VocabMap.build(source_tokenizer, workspace["target"], model.config.vocab_size)
+    scorer = SourceScorer(model, source_tokenizer, workspace["target"], vocab_map, top_k=TOP_K, max_length=MAX_LENGTH)
+    rows = [0, 4, 5]
+    direct = scorer.score([workspace["corpus"][r]["text"] for r in rows])
+    stored = load_answers(workspace["root"] / "reference" / name).with_format("arrow")
+    loaded = from_arrow(pa.concat_tables([stored[r : r + 1] for r in rows]), length=direct.length)
+    assert torch.equal(loaded.indices, direct.indices) and torch.equal(loaded.valid, direct.valid)
+    torch.testing.assert_close(loaded.logprobs.float(), direct.logprobs.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(loaded.nll_per_byte, direct.nll_per_byte)
+
+
+def test_bytes_per_token_within_budget(workspace, tmp_path):
+    """Disk bytes per stored token ≤ 8·k for a shard holding all of this corpus's rows, once the
+    schema written at the head of every file (a fixed cost, not per token) is set aside."""
+    schema = answer_features(TOP_K).arrow_schema
+
+    def file_size(table: pa.Table) -> int:
+        path = tmp_path / "shard.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table)
+        return path.stat().st_size
+
+    schema_bytes = file_size(schema.empty_table())
+    for name, _ in workspace["sources"]:
+        stored = load_answers(workspace["root"] / "reference" / name)
+        tokens = sum(len(v) for v in stored["valid"])
+        per_token = (file_size(stored.data.table.combine_chunks()) - schema_bytes) / tokens
+        # 6·k bytes of candidates per token, plus per-row offsets, chunk index and NLLs.
+        assert 6 * TOP_K <= per_token <= 8 * TOP_K, f"{name}: {per_token:.1f} bytes per token"
+
+
+def test_resume_after_sigkill_is_byte_identical(workspace):
+    root = workspace["root"]
+    out = root / "resumed"
+    first_source = out / workspace["sources"][0][0]
+    # The interrupted run sleeps before each forward pass, so it is still busy when killed.
+    slow = (
+        "import runpy, sys, time, torch\n"
+        "torch.set_num_threads(1)\n"
+        "import fusion.sources.scoring as scoring\n"
+        "score = scoring.SourceScorer.score\n"
+        "def slow_score(self, *args, **kwargs):\n"
+        "    time.sleep(0.3)\n"
+        "    return score(self, *args, **kwargs)\n"
+        "scoring.SourceScorer.score = slow_score\n"
+        f"sys.argv = [{str(LAUNCHER)!r}] + sys.argv[1:]\n"
+        f"runpy.run_path({str(LAUNCHER)!r}, run_name='__main__')\n"
+    )
+    command = [*workspace["args"], "--out", str(out), "--rank", "0", "--world-size", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-c", slow, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(first_source.glob("shard-*.arrow")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no shard was completed within 60 s"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    completed = sorted(first_source.glob("shard-*.arrow"))
+    total = len(read_manifest(first_source)["shards"])
+    assert 1 <= len(completed) < total
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in completed}
+
+    # Resuming in this process saves a second interpreter start (most of this test's time).
+    workspace["launcher"].main(command)
+    assert before == {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in completed}, "a completed shard was rewritten"
+    assert output_files(out) == output_files(root / "reference")
+
+
+def test_two_ranks_in_parallel_match_one_rank(workspace):
+    root = workspace["root"]
+    out = root / "two_ranks"
+    errors = []
+
+    def run(rank: int) -> None:
+        try:
+            precompute(
+                workspace["sources"], workspace["target"], workspace["corpus"], out, max_length=MAX_LENGTH,
+                shard_size=3, top_k=TOP_K, batch_size=2, rank=rank, world_size=2, progress=False,
+            )
+        except Exception as error:  # re-raised in the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    assert output_files(out) == output_files(root / "reference")
+
+
+def test_other_settings_in_an_existing_folder_are_refused(workspace):
+    with pytest.raises(ValueError, match="top_k"):
+        precompute(
+            workspace["sources"][:1], workspace["target"], workspace["corpus"], workspace["root"] / "reference",
+            max_length=MAX_LENGTH, shard_size=3, top_k=TOP_K + 1, progress=False,
+        )
+
+
+def test_load_answers_names_missing_shards(workspace, tmp_path):
+    source = workspace["root"] / "reference" / workspace["sources"][1][0]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / MANIFEST).write_bytes((source / MANIFEST).read_bytes())
+    first = read_manifest(source)["shards"][0]["file"]
+    (partial / first).write_bytes((source / first).read_bytes())
+    with pytest.raises(ValueError, match="rerun launch/precompute.py"):
+        load_answers(partial)
+    assert np.array_equal(
+        datasets.Dataset.from_file(str(partial / first))["chunk_index"][:], np.arange(3)
+    )
