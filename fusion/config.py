@@ -88,6 +88,7 @@ class FusionConfig:
     top_k: int = 10
     temperature: float = 1.0
     sharpen_temperature: float | None = None
+    answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
 
 
 @dataclass(frozen=True)

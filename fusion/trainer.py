@@ -111,8 +111,8 @@ class TrainResult:
     steps: int
     tokens: int
     seconds: float
-    first_loss: float
-    final_loss: float
+    first_loss: float  # mean of the first (up to) 5 steps
+    final_loss: float  # mean of the last (up to) 5 steps
     eval: dict
     routing: dict
     sources: dict
@@ -358,8 +358,9 @@ class Trainer:
                 requests, sequences, seconds, failures = self._global_sum(local).tolist()
                 sources[name] = {"requests": int(requests), "sequences": int(sequences), "seconds": round(seconds, 2),
                                  "failures": int(failures), "vocab_coverage": counters.coverage}
-        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), losses[0],
-                             sum(losses[-5:]) / len(losses[-5:]), final_eval, routing, sources, str(model_dir),
+        window = min(5, len(losses))
+        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:window]) / window,
+                             sum(losses[-window:]) / window, final_eval, routing, sources, str(model_dir),
                              str(self.metrics.log_dir))
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))

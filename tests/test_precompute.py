@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
 
 from fusion.data import build_chunked_split
@@ -104,15 +105,21 @@ def workspace(tmp_path_factory):
         sources.append((name, str(root / name)))
     split = datasets.Dataset.from_dict({"text": DOCUMENTS, "domain": ["d"] * len(DOCUMENTS)})
     datasets.DatasetDict({"train": split}).save_to_disk(str(root / "corpus"))
-    args = [
-        "--sources", *[f"{name}={path}" for name, path in sources], "--target-tokenizer", str(root / "target"),
-        "--corpus", str(root / "corpus"), "--split", "train", "--max-length", str(MAX_LENGTH),
-        "--shard-size", "3", "--batch-size", "2", "--top-k", str(TOP_K), "--no-progress",
-    ]
+    tiny_llama(len(target), seed=9).save_pretrained(root / "target")
+    config = {
+        "target": str(root / "target"),
+        "run": {"output_dir": str(root / "run"), "cache_dir": str(root / "cache")},
+        "sources": [{"name": name, "path": path} for name, path in sources],
+        "data": {"corpus": str(root / "corpus"), "max_length": MAX_LENGTH},
+        "trainer": {"deepspeed_config": str(REPO / "ds_configs" / "zero3.json")},
+        "fusion": {"mode": "all_uniform", "top_k": TOP_K},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    args = ["--config", str(root / "run.yaml"), "--split", "train", "--shard-size", "3", "--batch-size", "2", "--no-progress"]
     spec = importlib.util.spec_from_file_location("launch_precompute", LAUNCHER)
     launcher = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launcher)
-    launcher.main([*args, "--out", str(root / "reference"), "--rank", "0", "--world-size", "1"])
+    assert launcher.main([*args, "--set", f"fusion.answers_dir={root / 'reference'}", "--rank", "0", "--world-size", "1"]) == 0
     tokenizers = [target] + [tokenizer_of(path) for _, path in sources]
     corpus, _ = build_chunked_split(split, tokenizers, MAX_LENGTH)
     return {"root": root, "args": args, "sources": sources, "target": target, "corpus": corpus, "launcher": launcher}
@@ -192,7 +199,7 @@ def test_resume_after_sigkill_is_byte_identical(workspace):
         f"sys.argv = [{str(LAUNCHER)!r}] + sys.argv[1:]\n"
         f"runpy.run_path({str(LAUNCHER)!r}, run_name='__main__')\n"
     )
-    command = [*workspace["args"], "--out", str(out), "--rank", "0", "--world-size", "1"]
+    command = [*workspace["args"], "--set", f"fusion.answers_dir={out}", "--rank", "0", "--world-size", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-c", slow, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -208,7 +215,7 @@ def test_resume_after_sigkill_is_byte_identical(workspace):
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in completed}
 
     # Resuming in this process saves a second interpreter start (most of this test's time).
-    workspace["launcher"].main(command)
+    assert workspace["launcher"].main(command) == 0
     assert before == {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in completed}, "a completed shard was rewritten"
     assert output_files(out) == output_files(root / "reference")
 
