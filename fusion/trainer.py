@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
-from fusion.config import Config, save_config
+from fusion.config import Config, ConfigError, save_config
 from fusion.data import TextBatchCollator, build_chunked_split, iterate_epochs, make_dataloader
 from fusion.fusion_weights import FusedSoftTarget, chosen_weights, fuse_soft_labels, sharpen_weights
 from fusion.loss import fused_lm_loss
@@ -128,12 +128,12 @@ class Trainer:
         self.topology = topology
         self.output_dir = Path(config.run.output_dir)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.metrics = MetricsLogger(self.output_dir / "tensorboard", enabled=topology.is_logging_rank)
 
     # -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         config, topology = self.config, self.topology
         torch.manual_seed(config.run.seed)
-        self.metrics = MetricsLogger(self.output_dir / "tensorboard", enabled=topology.is_logging_rank)
         if topology.is_logging_rank:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
@@ -188,12 +188,14 @@ class Trainer:
         splits = []
         for split_name, limit in ((data.train_split, data.max_train_chunks), (data.eval_split, data.max_eval_chunks)):
             if split_name not in corpus:
-                raise ValueError(f"data: split {split_name!r} is not in {data.corpus} (it has {list(corpus)})")
+                raise ConfigError(f"data: split {split_name!r} is not in {data.corpus} (it has {list(corpus)}); "
+                                  f"set data.train_split / data.eval_split")
             split = corpus[split_name]
             if data.domains is not None:
                 missing = sorted(set(data.domains) - set(split.unique("domain")))
                 if missing:
-                    raise ValueError(f"data.domains: {missing} not found in {data.corpus}/{split_name}")
+                    raise ConfigError(f"data.domains: {missing} not found in {data.corpus}/{split_name} "
+                                      f"(it has {sorted(split.unique('domain'))})")
                 split = split.filter(lambda row: row["domain"] in data.domains)
             chunks, report = build_chunked_split(split, tokenizers, data.max_length,
                                                  cache_dir=Path(self.config.run.cache_dir) / "chunks")

@@ -47,6 +47,10 @@ def main() -> int:
     try:
         trainer.setup()
         result = trainer.train()
+    except ConfigError as error:  # found only once the data or models are open
+        if topology.is_logging_rank:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         trainer.cleanup()
         shutdown()
