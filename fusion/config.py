@@ -89,6 +89,7 @@ class FusionConfig:
     temperature: float = 1.0
     sharpen_temperature: float | None = None
     answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
+    offline: bool = False  # read sources' answers from answers_dir instead of running the models
 
 
 @dataclass(frozen=True)

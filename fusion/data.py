@@ -220,7 +220,8 @@ class TextBatchCollator:
 
     Output of ``__call__`` for B rows, L = the longest row's token count (specials included):
         input_ids[B, L] long, attention_mask[B, L] long (1 = real token),
-        labels[B, L] long (input_ids, -100 at padding), texts: list[str], domains: list[str].
+        labels[B, L] long (input_ids, -100 at padding), texts: list[str], domains: list[str],
+        chunk_index: list[int | None] (the rows' ``chunk_index`` column, None where absent).
 
     Padding uses the tokenizer's pad token, else its EOS token; a real EOS inside a row keeps its
     label, because padding is located by the attention mask, not by token id.
@@ -268,6 +269,8 @@ class TextBatchCollator:
             "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),
             "texts": texts,
             "domains": [row["domain"] for row in rows],
+            # Row numbers in the chunked split, when it carries them: offline answers are joined on them.
+            "chunk_index": [row.get("chunk_index") for row in rows],
         }
 
 
@@ -482,3 +485,33 @@ def _word_starts(document: str) -> tuple[np.ndarray, np.ndarray]:
     run_starts, word_starts = changes[0::2], changes[1::2]
     newlines = np.concatenate([[0], np.cumsum(codepoints == ord("\n"))])
     return word_starts.astype(np.int64), np.minimum(newlines[word_starts] - newlines[run_starts], 2)
+
+
+def load_chunked_split(
+    corpus_dir: str,
+    split_name: str,
+    domains: Sequence[str] | None,
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    max_length: int,
+    cache_dir: str | None = None,
+) -> tuple[datasets.Dataset, DataReport]:
+    """One split of a ``save_to_disk`` corpus, restricted to ``domains``, chunked for every tokenizer.
+
+    The trainer and the offline precompute both read their chunks through here, so row i means
+    the same chunk to both.
+
+    Raises:
+        KeyError: the corpus has no split ``split_name``, or lacks some of ``domains``.
+    """
+    corpus = datasets.load_from_disk(corpus_dir)
+    if split_name not in corpus:
+        raise KeyError(f"split {split_name!r} is not in {corpus_dir} (it has {list(corpus)})")
+    split = corpus[split_name]
+    if domains is not None:
+        present = set(split.unique("domain"))
+        missing = sorted(set(domains) - present)
+        if missing:
+            raise KeyError(f"domains {missing} are not in {corpus_dir}/{split_name} (it has {sorted(present)})")
+        wanted = set(domains)
+        split = split.filter(lambda row: row["domain"] in wanted)
+    return build_chunked_split(split, tokenizers, max_length, cache_dir=cache_dir)

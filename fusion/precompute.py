@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.sources.answer import answer_features, to_arrow
 from fusion.sources.scoring import SourceScorer, encode_with_offsets
-from fusion.vocab_map import VocabMap
+from fusion.vocab_map import VocabMap, tokenizer_sha256
 
 MANIFEST = "manifest.json"
 # Cached source→target vocabulary maps, shared by ranks and reruns (building one can take minutes).
@@ -58,18 +58,6 @@ class SourceReport:
     sequences: int = 0
     target_tokens: int = 0
     seconds: float = 0.0
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    """Hash of a fast tokenizer's definition (vocabulary, merges, normaliser, special tokens).
-
-    Truncation and padding settings are left out: transformers changes them on the backend
-    tokenizer as a side effect of encoding calls, and they do not change the tokens.
-    """
-    definition = json.loads(tokenizer.backend_tokenizer.to_str())
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def corpus_sha256(corpus: datasets.Dataset) -> str:

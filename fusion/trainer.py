@@ -23,7 +23,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from datasets import load_from_disk
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,12 +30,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from fusion.config import Config, ConfigError, save_config
-from fusion.data import TextBatchCollator, build_chunked_split, iterate_epochs, make_dataloader
+from fusion.data import TextBatchCollator, iterate_epochs, load_chunked_split, make_dataloader
 from fusion.fusion_weights import FusedSoftTarget, chosen_weights, fuse_soft_labels, sharpen_weights
 from fusion.loss import fused_lm_loss
 from fusion.metrics import MetricsLogger
 from fusion.selection import GATE_MODES, SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
-from fusion.sources.pool import ColocatedSources
+from fusion.sources.pool import ColocatedSources, OfflineSources
 from fusion.sources.scoring import encode_with_offsets
 from fusion.topology import Topology
 
@@ -151,7 +150,10 @@ class Trainer:
 
         self.sources = None
         self.selector = None
-        if config.fusion.mode != "none":
+        if config.fusion.mode != "none" and config.fusion.offline:
+            self.sources = OfflineSources(config.sources, Path(config.fusion.answers_dir), self.tokenizer, config.fusion.top_k,
+                                          config.fusion.temperature, self.train_chunks)
+        elif config.fusion.mode != "none":
             self.sources = ColocatedSources(config.sources, self.tokenizer, config.fusion.top_k, config.fusion.temperature,
                                             config.data.max_length, Path(config.run.cache_dir) / "vocab_maps", self.device)
             for name, counters in zip(self.sources.names, self.sources.counters):
@@ -184,21 +186,18 @@ class Trainer:
 
     def _load_data(self, tokenizers):
         data = self.config.data
-        corpus = load_from_disk(data.corpus)
         splits = []
-        for split_name, limit in ((data.train_split, data.max_train_chunks), (data.eval_split, data.max_eval_chunks)):
-            if split_name not in corpus:
-                raise ConfigError(f"data: split {split_name!r} is not in {data.corpus} (it has {list(corpus)}); "
-                                  f"set data.train_split / data.eval_split")
-            split = corpus[split_name]
-            if data.domains is not None:
-                missing = sorted(set(data.domains) - set(split.unique("domain")))
-                if missing:
-                    raise ConfigError(f"data.domains: {missing} not found in {data.corpus}/{split_name} "
-                                      f"(it has {sorted(split.unique('domain'))})")
-                split = split.filter(lambda row: row["domain"] in data.domains)
-            chunks, report = build_chunked_split(split, tokenizers, data.max_length,
-                                                 cache_dir=Path(self.config.run.cache_dir) / "chunks")
+        for key, split_name, limit in (("train_split", data.train_split, data.max_train_chunks),
+                                       ("eval_split", data.eval_split, data.max_eval_chunks)):
+            try:
+                chunks, report = load_chunked_split(data.corpus, split_name, data.domains, tokenizers, data.max_length,
+                                                    cache_dir=Path(self.config.run.cache_dir) / "chunks")
+            except KeyError as error:
+                raise ConfigError(f"data.{key} / data.domains: {error.args[0]}") from None
+            if key == "train_split":
+                # Offline answers are stored by row of the whole chunked split: keep the row numbers.
+                self.train_chunks = chunks
+                chunks = chunks.add_column("chunk_index", list(range(len(chunks))))
             if limit is not None and len(chunks) > limit:
                 chunks = chunks.shuffle(seed=self.config.run.seed).select(range(limit))
             self.metrics.info(f"data {split_name}: {len(chunks)} chunks of <= {data.max_length} tokens ({report})")
@@ -240,7 +239,7 @@ class Trainer:
                          self.generator, available)
         else:
             ran = available.expand(batch_size, -1).clone()
-        answers = self.sources.answer(batch["texts"], target_offsets, ran, length)
+        answers = self.sources.answer(batch, target_offsets, ran, length)
         nll_per_byte = torch.stack([answer.nll_per_byte for answer in answers], dim=1)
         if fusion.mode == "scores":
             gate_logits = self.selector(nll_per_byte=nll_per_byte.to(self.device))

@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if not config.sources:
         print("error: sources: the config lists no sources to precompute", file=sys.stderr)
         return 2
-    import datasets
     from transformers import AutoTokenizer
 
-    from fusion.data import build_chunked_split
+    from fusion.data import load_chunked_split
     from fusion.precompute import precompute
     from fusion.sources.pool import DTYPES
 
@@ -60,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     target_tokenizer = AutoTokenizer.from_pretrained(config.target)
     tokenizers = [target_tokenizer] + [AutoTokenizer.from_pretrained(source.path) for source in config.sources]
     split_name = args.split or config.data.train_split
-    split = datasets.load_from_disk(config.data.corpus)[split_name]
-    corpus, _ = build_chunked_split(split, tokenizers, config.data.max_length, cache_dir=Path(config.run.cache_dir) / "chunks")
+    try:
+        corpus, _ = load_chunked_split(config.data.corpus, split_name, config.data.domains, tokenizers, config.data.max_length,
+                                       cache_dir=Path(config.run.cache_dir) / "chunks")
+    except KeyError as error:
+        print(f"error: --split / data.domains: {error.args[0]}", file=sys.stderr)
+        return 2
     if args.limit is not None:
         corpus = corpus.select(range(min(args.limit, len(corpus))))
     started = time.perf_counter()

@@ -44,5 +44,5 @@ def test_unknown_data_split_is_named_after_start(tmp_path, tiny_target, tiny_cor
     config["data"]["eval_split"] = "dev"
     result = run_train(tmp_path, config, env={"WORLD_SIZE": "1", "RANK": "0", "MASTER_PORT": str(free_port())})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "error: data: split 'dev' is not in" in result.stderr
+    assert "error: data.eval_split / data.domains: split 'dev' is not in" in result.stderr
     assert "Traceback" not in result.stderr

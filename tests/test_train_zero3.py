@@ -97,3 +97,23 @@ def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, t
     # max_sources 1 and no exploration: exactly one source computed each sequence.
     assert sum(entry["sequences"] for entry in served.values()) == sequences
     assert (output_dir / "selector.pt").is_file()
+
+
+def test_offline_answers_train_like_live_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    """Answers written by launch/precompute.py give the same step losses as running the sources live."""
+    sources = [{"name": path.name, "path": str(path)} for path in tiny_sources]
+    fusion = {"mode": "all_uniform", "lam": 0.5, "answers_dir": str(tmp_path / "answers")}
+    steps = {"micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "eval_batches": 1}
+    _, live = launch(tmp_path, "live", 1, tiny_target, tiny_corpus, sources=sources, fusion=fusion, **steps)
+    config = tmp_path / "live.yaml"
+    result = subprocess.run([sys.executable, str(ROOT / "launch/precompute.py"), "--config", str(config), "--no-progress",
+                             "--shard-size", "64"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, offline = launch(tmp_path, "offline", 1, tiny_target, tiny_corpus, sources=sources,
+                        fusion={**fusion, "offline": True}, **steps)
+    live_result, offline_result = (json.loads((run / "result.json").read_text()) for run in (live, offline))
+    # Stored log-probs are fp16: the soft term agrees to about 1e-3.
+    assert offline_result["first_loss"] == pytest.approx(live_result["first_loss"], rel=2e-3)
+    assert offline_result["final_loss"] == pytest.approx(live_result["final_loss"], rel=2e-3)
+    for name in ("bpe", "wordpiece"):
+        assert offline_result["sources"][name]["sequences"] == live_result["sources"][name]["sequences"] == 3 * 4

@@ -1,7 +1,8 @@
-"""Colocated sources: every source model inside the trainer process, asked only for its chosen rows.
+"""Where the training step gets source answers from, asked only for the rows chosen for each source.
 
-``answer`` is the whole interface the training step uses, so a disaggregated transport (engine
-groups answering over the exchange group) can stand in for this class unchanged.
+``ColocatedSources`` runs every source model inside the trainer process; ``OfflineSources``
+reads answers that ``launch/precompute.py`` wrote. ``answer`` is the whole interface the step
+uses, so a disaggregated transport (engine groups over the exchange group) can stand in too.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion.config import SourceConfig
-from fusion.sources.answer import SparseSoftLabels
+from fusion.config import ConfigError, SourceConfig
+from fusion.precompute import corpus_sha256, load_answers, read_manifest
+from fusion.sources.answer import SparseSoftLabels, from_arrow
 from fusion.sources.scoring import Offsets, SourceScorer
-from fusion.vocab_map import VocabMap
+from fusion.vocab_map import VocabMap, tokenizer_sha256
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,30 +72,90 @@ class ColocatedSources:
         """``[S]`` bool: sources that can be asked (colocated sources never go down)."""
         return torch.ones(len(self), dtype=torch.bool)
 
-    def answer(self, texts: Sequence[str], target_offsets: Sequence[Offsets], chosen: torch.Tensor,
-               length: int) -> list[SparseSoftLabels]:
+    def answer(self, batch: dict, target_offsets: Sequence[Offsets], chosen: torch.Tensor, length: int) -> list[SparseSoftLabels]:
         """One answer per source for the whole batch; rows a source was not chosen for stay invalid.
 
         Args:
-            texts: B raw texts; target_offsets: their target-tokenizer offsets.
+            batch: the collated batch (its ``texts``).
+            target_offsets: the texts' target-tokenizer offsets.
             chosen: ``[B, S]`` bool, which sources run for which sequence.
             length: position dimension L of the answers (the target batch width).
         """
-        answers = []
-        for source, scorer in enumerate(self.scorers):
-            full = SparseSoftLabels.empty(len(texts), length, self.top_k, torch.float32)
-            rows = chosen[:, source].nonzero().flatten().tolist()
-            batch_size = self.batch_sizes[source]
-            for start in range(0, len(rows), batch_size):
-                part_rows = rows[start:start + batch_size]
-                started = time.perf_counter()
-                part = scorer.score([texts[row] for row in part_rows], [target_offsets[row] for row in part_rows], length)
-                counters = self.counters[source]
-                counters.seconds += time.perf_counter() - started
-                counters.requests += 1
-                counters.sequences += len(part_rows)
-                index = torch.tensor(part_rows)
-                for name in ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte"):
-                    getattr(full, name)[index] = getattr(part, name)
-            answers.append(full)
-        return answers
+        texts = batch["texts"]
+
+        def score(source: int, rows: list[int]) -> SparseSoftLabels:
+            return self.scorers[source].score([texts[row] for row in rows], [target_offsets[row] for row in rows], length)
+
+        return _answers_by_source(score, chosen, length, self.top_k, self.batch_sizes, self.counters)
+
+
+class OfflineSources:
+    """Sparse answers precomputed by ``launch/precompute.py``, read by chunk index.
+
+    Only the rows chosen for a source are read, so a mode uses no answer it did not ask for.
+    The manifest must match this run: the same target tokenizer, top-k, temperature and the
+    same chunked training split (by content hash).
+
+    Raises:
+        ConfigError: answers are missing for a source, or were made with other settings.
+    """
+
+    def __init__(self, specs: Sequence[SourceConfig], answers_dir: Path, target_tokenizer, top_k: int,
+                 temperature: float, train_chunks):
+        self.names = [spec.name for spec in specs]
+        self.batch_sizes = [spec.batch_size for spec in specs]
+        self.top_k = top_k
+        self.counters = [SourceCounters() for _ in specs]
+        self.tables = []
+        expected = {"target_tokenizer_sha256": tokenizer_sha256(target_tokenizer), "top_k": top_k,
+                    "temperature": temperature, "corpus_sha256": corpus_sha256(train_chunks.select_columns(["text"]))}
+        for spec in specs:
+            source_dir = Path(answers_dir) / spec.name
+            try:
+                manifest = read_manifest(source_dir)
+                answers = load_answers(source_dir)
+            except (FileNotFoundError, ValueError) as error:
+                raise ConfigError(f"fusion.answers_dir: no complete answers of source {spec.name!r} in {source_dir} ({error}); "
+                                  "run `python launch/precompute.py --config <this config>` first") from None
+            for key, value in expected.items():
+                if manifest.get(key) != value:
+                    raise ConfigError(f"fusion.answers_dir: answers of {spec.name!r} were made with another {key} "
+                                      f"({manifest.get(key)!r}, this run: {value!r}); rerun launch/precompute.py")
+            self.tables.append(answers.with_format("arrow"))
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    @property
+    def available(self) -> torch.Tensor:
+        return torch.ones(len(self), dtype=torch.bool)
+
+    def answer(self, batch: dict, target_offsets: Sequence[Offsets], chosen: torch.Tensor, length: int) -> list[SparseSoftLabels]:
+        """Like ``ColocatedSources.answer``; rows are looked up by ``batch["chunk_index"]``."""
+        chunk_index = batch["chunk_index"]
+
+        def read(source: int, rows: list[int]) -> SparseSoftLabels:
+            return from_arrow(self.tables[source][[chunk_index[row] for row in rows]], length, torch.float32)
+
+        return _answers_by_source(read, chosen, length, self.top_k, self.batch_sizes, self.counters)
+
+
+def _answers_by_source(fetch, chosen: torch.Tensor, length: int, top_k: int, batch_sizes: list[int],
+                       counters: list[SourceCounters]) -> list[SparseSoftLabels]:
+    """Call ``fetch(source, rows)`` in batches over the rows chosen for each source; assemble full answers."""
+    answers = []
+    for source, batch_size in enumerate(batch_sizes):
+        full = SparseSoftLabels.empty(chosen.shape[0], length, top_k, torch.float32)
+        rows = chosen[:, source].nonzero().flatten().tolist()
+        for start in range(0, len(rows), batch_size):
+            part_rows = rows[start:start + batch_size]
+            started = time.perf_counter()
+            part = fetch(source, part_rows)
+            counters[source].seconds += time.perf_counter() - started
+            counters[source].requests += 1
+            counters[source].sequences += len(part_rows)
+            index = torch.tensor(part_rows)
+            for name in ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte"):
+                getattr(full, name)[index] = getattr(part, name)
+        answers.append(full)
+    return answers
