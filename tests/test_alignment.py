@@ -20,8 +20,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from fusion.alignment import align_next_token_positions, token_starts
 from fusion.vocab_map import VocabMap
 
-REAL_FAMILIES = ("smollm2", "gemma3", "gpt2", "mistral-v1", "minilm-wordpiece")
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizers"
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away!",
@@ -138,15 +136,11 @@ def trained_tokenizers() -> dict:
 
 
 @pytest.fixture(scope="session")
-def real_tokenizers() -> dict:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"{TOKENIZER_DIR} is missing: build it with launch/prepare_assets.py")
-    loaded = {name: AutoTokenizer.from_pretrained(TOKENIZER_DIR / name) for name in REAL_FAMILIES}
+def alignment_tokenizers(real_tokenizers, tokenizer_dirs) -> dict:
     # GPT-2 as it would be with the trimming post-processor (Hugging Face RoBERTa-style configs).
-    trimmed = AutoTokenizer.from_pretrained(TOKENIZER_DIR / "gpt2")
+    trimmed = AutoTokenizer.from_pretrained(tokenizer_dirs["gpt2"])
     trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    loaded["gpt2-trimmed"] = trimmed
-    return loaded
+    return {**real_tokenizers, "gpt2-trimmed": trimmed}
 
 
 def _offsets(tokenizer, text):
@@ -182,8 +176,8 @@ def test_matches_reference_for_trained_tokenizers(trained_tokenizers, text):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=TEXTS)
-def test_matches_reference_for_real_tokenizers(real_tokenizers, text):
-    offsets = {name: _offsets(tok, text) for name, tok in real_tokenizers.items()}
+def test_matches_reference_for_real_tokenizers(alignment_tokenizers, text):
+    offsets = {name: _offsets(tok, text) for name, tok in alignment_tokenizers.items()}
     for source, target in itertools.permutations(offsets, 2):
         expected = reference_alignment(offsets[source], offsets[target], text)
         got = align_next_token_positions(offsets[source], offsets[target], text)
@@ -206,14 +200,14 @@ def test_identical_trained_tokenizers_align_every_position_to_itself(trained_tok
     _assert_identity(trained_tokenizers)
 
 
-def test_identical_real_tokenizers_align_every_position_to_itself(real_tokenizers):
-    _assert_identity(real_tokenizers)
+def test_identical_real_tokenizers_align_every_position_to_itself(alignment_tokenizers):
+    _assert_identity(alignment_tokenizers)
 
 
-def test_hand_checked_bytelevel_and_wordpiece(real_tokenizers):
+def test_hand_checked_bytelevel_and_wordpiece(alignment_tokenizers):
     text = "Hello  world, 123"
-    gpt2 = _offsets(real_tokenizers["gpt2"], text)  # Hello | Ġ | Ġworld | , | Ġ123
-    minilm = _offsets(real_tokenizers["minilm-wordpiece"], text)  # [CLS] hello world , 123 [SEP]
+    gpt2 = _offsets(alignment_tokenizers["gpt2"], text)  # Hello | Ġ | Ġworld | , | Ġ123
+    minilm = _offsets(alignment_tokenizers["minilm-wordpiece"], text)  # [CLS] hello world , 123 [SEP]
     assert token_starts(gpt2, text).tolist() == [0, 5, 6, 12, 13]
     # WordPiece drops the whitespace: "world" and "123" take the uncovered space before them.
     assert token_starts(minilm, text).tolist() == [-1, 0, 6, 12, 13, -1]
@@ -223,15 +217,15 @@ def test_hand_checked_bytelevel_and_wordpiece(real_tokenizers):
     assert align_next_token_positions(minilm, gpt2, text).tolist() == [-1, 1, 2, 3, -1]
 
 
-def test_hand_checked_bos_on_one_side_only(real_tokenizers):
+def test_hand_checked_bos_on_one_side_only(alignment_tokenizers):
     text = "Hello  world"
-    gemma = _offsets(real_tokenizers["gemma3"], text)  # <bos> Hello ▁▁ world
-    smollm = _offsets(real_tokenizers["smollm2"], text)  # Hello Ġ Ġworld
+    gemma = _offsets(alignment_tokenizers["gemma3"], text)  # <bos> Hello ▁▁ world
+    smollm = _offsets(alignment_tokenizers["smollm2"], text)  # Hello Ġ Ġworld
     assert token_starts(gemma, text).tolist() == [-1, 0, 5, 7]
     assert align_next_token_positions(smollm, gemma, text).tolist() == [-1, 0, -1, -1]
     assert align_next_token_positions(gemma, smollm, text).tolist() == [1, -1, -1]
     # With a BOS on both sides, the BOS positions predict the first token together.
-    mistral = _offsets(real_tokenizers["mistral-v1"], text)  # <s> ▁Hello ▁ ▁world
+    mistral = _offsets(alignment_tokenizers["mistral-v1"], text)  # <s> ▁Hello ▁ ▁world
     assert align_next_token_positions(mistral, gemma, text).tolist() == [0, 1, -1, -1]
 
 

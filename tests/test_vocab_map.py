@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL_FAMILIES
 import torch
 from rapidfuzz.distance import Levenshtein
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -18,15 +19,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import fusion.vocab_map as vocab_map
 from fusion.vocab_map import BYTE_FALLBACK, DROPPED, EXACT, NEAREST, VocabMap
 
-REAL_FAMILIES = ("smollm2", "gemma3", "gpt2", "mistral-v1", "minilm-wordpiece")
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizers"
 
 
 @pytest.fixture(scope="session")
-def real() -> dict:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"{TOKENIZER_DIR} is missing: build it with launch/prepare_assets.py")
-    return {name: AutoTokenizer.from_pretrained(TOKENIZER_DIR / name) for name in REAL_FAMILIES}
+def real(real_tokenizers) -> dict:
+    return real_tokenizers
 
 
 @pytest.fixture(scope="session")
