@@ -195,13 +195,7 @@ def select(
         raise ValueError(f"need 1 <= min_sources ({min_sources}) <= max_sources ({max_sources})")
     if not 0.0 <= exploration_rate <= 1.0:
         raise ValueError(f"exploration_rate={exploration_rate} must be in [0, 1]")
-    available = (
-        torch.ones(sources, dtype=torch.bool, device=probs.device)
-        if available_mask is None
-        else available_mask.to(device=probs.device, dtype=torch.bool)
-    )
-    if available.shape != (sources,):
-        raise ValueError(f"available_mask has shape {tuple(available.shape)}, expected [{sources}]")
+    available = _available(available_mask, sources, probs.device)
     if not bool(available.any()):
         raise ValueError("no source is available; at least one source must be up to select from")
 
@@ -342,13 +336,7 @@ def baseline_weights(mode: str, source_ce: Tensor, available_mask: Tensor | None
     if source_ce.dim() != 2:
         raise ValueError(f"source_ce must be [B, S], got shape {tuple(source_ce.shape)}")
     batch, sources = source_ce.shape
-    available = (
-        torch.ones(sources, dtype=torch.bool, device=source_ce.device)
-        if available_mask is None
-        else available_mask.to(device=source_ce.device, dtype=torch.bool)
-    )
-    if available.shape != (sources,):
-        raise ValueError(f"available_mask has shape {tuple(available.shape)}, expected [{sources}]")
+    available = _available(available_mask, sources, source_ce.device)
     if mode == "none":
         return torch.zeros(batch, sources, device=source_ce.device)
     if not bool(available.any()):
@@ -364,3 +352,13 @@ def baseline_weights(mode: str, source_ce: Tensor, available_mask: Tensor | None
         return F.one_hot(best, sources).float()
     reward = torch.where(available, torch.exp(-ce), -math.inf)
     return torch.softmax(reward, dim=1)
+
+
+def _available(available_mask: Tensor | None, sources: int, device: torch.device) -> Tensor:
+    """``[S]`` bool availability (default: every source up); raises ValueError on a wrong shape."""
+    if available_mask is None:
+        return torch.ones(sources, dtype=torch.bool, device=device)
+    available = available_mask.to(device=device, dtype=torch.bool)
+    if available.shape != (sources,):
+        raise ValueError(f"available_mask has shape {tuple(available.shape)}, expected [{sources}]")
+    return available
