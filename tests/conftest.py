@@ -24,6 +24,15 @@ WORDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: repeatable reductions, and no oversubscription of small CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_documents(seed: int, per_domain: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     documents = []

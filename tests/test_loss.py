@@ -19,14 +19,6 @@ class Answer:
     valid: torch.Tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_answer(gen, batch, length, k, vocab=VOCAB, drop=0.2, invalid=0.2):
     """Random source answer with dropped candidates (-inf) and invalid positions."""
     indices = torch.randint(0, vocab, (batch, length, k), generator=gen)

@@ -19,14 +19,6 @@ VOCAB, LENGTH, SOURCES = 97, 13, 4
 DOMAIN_TOKENS = [torch.arange(d, VOCAB, SOURCES) for d in range(SOURCES)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def as_mask(rows, sources):
     mask = torch.zeros(len(rows), sources, dtype=torch.bool)
     for b, row in enumerate(rows):
