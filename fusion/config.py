@@ -78,6 +78,8 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 8
+    checkpoint_every: int = 0  # optimizer steps between DeepSpeed checkpoints in <output_dir>/checkpoints; 0: none
+    resume: bool = True  # continue from the latest checkpoint in <output_dir>/checkpoints when there is one
     num_threads: int | None = None
 
 
@@ -270,6 +272,7 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "loss_chunk_size", "log_every", "eval_batches"):
         _check(getattr(trainer, key) >= 1, f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}")
     _check(trainer.warmup_steps >= 0, f"trainer.warmup_steps: must be >= 0, got {trainer.warmup_steps}")
+    _check(trainer.checkpoint_every >= 0, f"trainer.checkpoint_every: must be >= 0 (0 disables checkpoints), got {trainer.checkpoint_every}")
     _check(trainer.eval_every >= 0, f"trainer.eval_every: must be >= 0 (0 evaluates only at the end), got {trainer.eval_every}")
     _check(trainer.num_threads is None or trainer.num_threads >= 1, f"trainer.num_threads: must be >= 1 or null, got {trainer.num_threads}")
     _check(config.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {config.data.max_length}")

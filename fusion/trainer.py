@@ -307,13 +307,45 @@ class Trainer:
                              for s, name in enumerate(self.sources.names)}
         return table
 
+    def _checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _save_checkpoint(self, step: int) -> None:
+        """ZeRO-3 shards of every rank plus the state only the loop knows (step, selector, routing, RNG)."""
+        state = {"step": step, "routing": [self.routing_ran, self.routing_weight, self.routing_sequences]}
+        if self.selector is not None:
+            state.update(selector=self.selector.state_dict(), selector_optimizer=self.selector_optimizer.state_dict(),
+                         generator=self.generator.get_state())
+        self.engine.save_checkpoint(str(self._checkpoint_dir()), tag=f"step{step}", client_state={"fusion": state})
+
+    def _resume(self) -> int:
+        """Load the latest checkpoint when resuming is on and one exists; return the steps already done."""
+        if not (self.config.trainer.resume and (self._checkpoint_dir() / "latest").is_file()):
+            return 0
+        _, client_state = self.engine.load_checkpoint(str(self._checkpoint_dir()))
+        state = client_state["fusion"]
+        self.routing_ran, self.routing_weight, self.routing_sequences = state["routing"]
+        if self.selector is not None:
+            self.selector.load_state_dict(state["selector"])
+            self.selector_optimizer.load_state_dict(state["selector_optimizer"])
+            self.generator.set_state(state["generator"])
+        if state["step"] >= self.config.trainer.max_steps:
+            raise ConfigError(f"trainer.max_steps: the checkpoint in {self._checkpoint_dir()} is already at step {state['step']}; "
+                              "raise max_steps, or set trainer.resume=false (or another run.output_dir) to start over")
+        self.metrics.info(f"resumed from {self._checkpoint_dir()} at step {state['step']}")
+        return state["step"]
+
     def train(self) -> TrainResult:
         trainer = self.config.trainer
-        micro_batches = (batch for _, batch in iterate_epochs(self.train_loader))
+        done = self._resume()
+        # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
+        consumed = done * trainer.gradient_accumulation_steps
+        micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
+                                                               consumed % len(self.train_loader)))
         started = time.time()
         tokens_seen = 0
         losses: list[float] = []
-        progress = tqdm(range(1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
+        progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
             step_started = time.time()
             batches = [next(micro_batches) for _ in range(trainer.gradient_accumulation_steps)]
@@ -345,6 +377,8 @@ class Trainer:
                     **self.selector_stats, **self._routing_scalars()})
                 self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.engine.get_lr()[0]:.2e} {step_tokens / step_seconds:.0f} tok/s")
+            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
+                self._save_checkpoint(step)
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
                 self.metrics.scalars(step, self._eval_scalars(self.evaluate()))
 

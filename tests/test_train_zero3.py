@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,34 @@ def test_every_fusion_mode_trains(tmp_path, tiny_target, tiny_sources, tiny_corp
     assert weights == pytest.approx({domain: 1.0 for domain in weights})
     assert all(entry["sequences"] == 2 * 4 for entry in summary["sources"].values())
     assert (output_dir / "selector.pt").is_file() == (mode == "scores")
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_target, tiny_corpus):
+    steps = {"micro_batch_size": 2, "max_steps": 30, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1}
+    _, uninterrupted = launch(tmp_path, "uninterrupted", 2, tiny_target, tiny_corpus, **steps)
+
+    output_dir = tmp_path / "resumed"
+    config = yaml.safe_load((tmp_path / "uninterrupted.yaml").read_text())
+    config["run"]["output_dir"] = str(output_dir)
+    config["trainer"]["checkpoint_every"] = 4
+    (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               str(ROOT / "launch/train.py"), "--config", str(tmp_path / "resumed.yaml")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoints" / "latest").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+        process.wait()
+    assert not (output_dir / "model").exists(), "the run finished before it was killed"
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    first = load_file(uninterrupted / "model" / "model.safetensors")
+    second = load_file(output_dir / "model" / "model.safetensors")
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
