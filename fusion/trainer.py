@@ -35,11 +35,9 @@ from fusion.fusion_weights import FusedSoftTarget, chosen_weights, fuse_soft_lab
 from fusion.loss import fused_lm_loss
 from fusion.metrics import MetricsLogger
 from fusion.selection import GATE_MODES, SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
-from fusion.sources.pool import ColocatedSources, OfflineSources
+from fusion.sources.pool import DTYPES, ColocatedSources, OfflineSources
 from fusion.sources.scoring import encode_with_offsets
 from fusion.topology import Topology
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _no_soft_target(batch: dict) -> FusedSoftTarget:
@@ -143,9 +141,8 @@ class Trainer:
         # Chunks must fit max_length under every tokenizer that will read them.
         tokenizers = [self.tokenizer] + [AutoTokenizer.from_pretrained(source.path) for source in config.sources]
         self.train_data, self.eval_data = self._load_data(tokenizers)
-        collator = TextBatchCollator(self.tokenizer, config.data.max_length)
-        self.collator = collator
-        self.train_loader = make_dataloader(self.train_data, collator, config.trainer.micro_batch_size,
+        self.collator = TextBatchCollator(self.tokenizer, config.data.max_length)
+        self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
 
         self.sources = None
