@@ -18,7 +18,8 @@ assets: $(STAMP)
 	$(PY) launch/prepare_assets.py
 
 demo: assets
-	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml
+	$(VENV)/bin/deepspeed --num_gpus $$($(PY) launch/train.py --config configs/demo.yaml --world-size) \
+		launch/train.py --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) launch/prepare_assets.py --stages tokenizers
@@ -30,3 +31,4 @@ test-slow: assets
 bench: assets
 	$(PY) benchmarks/alignment.py
 	$(PY) benchmarks/fused_loss.py
+	$(PY) benchmarks/dispatch.py

@@ -49,6 +49,9 @@ class SourceConfig:
 class TopologyConfig:
     placement: Literal["colocated", "disaggregated"] = "colocated"
     trainer_ranks: int = 1
+    prefetch_steps: int = 1  # disaggregated: requests for step t+k go out while step t trains (k <= prefetch_steps)
+    request_timeout_s: float = 300.0  # disaggregated: longest wait for one source reply before the source is marked down
+    startup_timeout_s: float = 1800.0  # disaggregated: longest wait for a source group to load its model and say ready
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class DataConfig:
     domains: tuple[str, ...] | None = None
     max_train_chunks: int | None = None
     max_eval_chunks: int | None = None
+    # Seed of the max_train/eval_chunks samples; None: run.seed. Fixing it keeps one data subset
+    # (and one offline precompute) across runs of different seeds.
+    subset_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +286,11 @@ def validate(config: Config, check_paths: bool = True) -> Config:
         value = getattr(config.data, key)
         _check(value is None or value >= 1, f"data.{key}: must be >= 1 or null, got {value}")
     _check(topology.trainer_ranks >= 1, f"topology.trainer_ranks: must be >= 1, got {topology.trainer_ranks}")
+    _check(topology.prefetch_steps >= 0, f"topology.prefetch_steps: must be >= 0 (0: no overlap), got {topology.prefetch_steps}")
+    for key in ("request_timeout_s", "startup_timeout_s"):
+        _check(getattr(topology, key) > 0, f"topology.{key}: must be > 0 seconds, got {getattr(topology, key)}")
+    _check(not (fusion.offline and topology.placement == "disaggregated"),
+           "fusion.offline: offline answers are read by the trainer; use placement: colocated (no source ranks)")
 
     _check(0 <= fusion.lam <= 1, f"fusion.lam: must be in [0, 1] (weight of the LM loss), got {fusion.lam}")
     _check(fusion.top_k >= 1, f"fusion.top_k: must be >= 1, got {fusion.top_k}")

@@ -14,11 +14,15 @@ Each role gets its own *default* world (DeepSpeed's ZeRO-3 calls ``barrier()`` o
 group; sharing it with source ranks deadlocks). All ranks meet on one TCPStore next to
 MASTER_PORT; a role's world is ``init_process_group(store=PrefixStore("role/<name>", store))``.
 Cross-role traffic uses one explicit exchange group over all ranks (point-to-point only).
-With ``placement: colocated`` there is only the trainer role and no exchange group.
+It is gloo even on GPUs: the payloads are small (texts out, sparse top-k answers back), and
+gloo gives every wait a timeout and turns a dead peer into an exception, where a NCCL
+watchdog would abort the trainer. With ``placement: colocated`` there is only the trainer
+role and no exchange group.
 """
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -77,14 +81,7 @@ class RankPlan:
 
 def plan_ranks(config: Config, world_size: int) -> RankPlan:
     """Assign global ranks to roles; raise ``TopologyError`` showing the expected layout on mismatch."""
-    roles = [RoleSpec(TRAINER, tuple(range(config.topology.trainer_ranks)))]
-    if config.topology.placement == "disaggregated" and config.fusion.mode != "none":
-        next_rank = config.topology.trainer_ranks
-        for source in config.sources:
-            size = source.replicas * source.tensor_parallel
-            roles.append(RoleSpec(source.name, tuple(range(next_rank, next_rank + size)), source.replicas, source.tensor_parallel))
-            next_rank += size
-    plan = RankPlan(tuple(roles))
+    plan = rank_plan(config)
     if plan.world_size != world_size:
         raise TopologyError(
             f"the launcher started {world_size} rank(s) but the config's topology needs {plan.world_size}:\n"
@@ -92,6 +89,18 @@ def plan_ranks(config: Config, world_size: int) -> RankPlan:
             f"launch with that many ranks (e.g. `deepspeed --num_gpus {plan.world_size} ...`) "
             f"or change topology.trainer_ranks / sources[*].replicas / sources[*].tensor_parallel")
     return plan
+
+
+def rank_plan(config: Config) -> RankPlan:
+    """The roles of the config's topology, in rank order."""
+    roles = [RoleSpec(TRAINER, tuple(range(config.topology.trainer_ranks)))]
+    if config.topology.placement == "disaggregated" and config.fusion.mode != "none":
+        next_rank = config.topology.trainer_ranks
+        for source in config.sources:
+            size = source.replicas * source.tensor_parallel
+            roles.append(RoleSpec(source.name, tuple(range(next_rank, next_rank + size)), source.replicas, source.tensor_parallel))
+            next_rank += size
+    return RankPlan(tuple(roles))
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class Topology:
     role_rank: int
     exchange: "dist.ProcessGroup | None"
     replica_group: "dist.ProcessGroup | None"
+    device: torch.device
 
     @property
     def is_trainer(self) -> bool:
@@ -170,6 +180,10 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
     if env.world_size != plan.world_size:
         raise TopologyError(f"WORLD_SIZE={env.world_size} but the plan needs {plan.world_size} ranks:\n{plan.diagram()}")
     timeout = datetime.timedelta(seconds=timeout_s)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
     role = plan.role_of(env.rank)
     role_rank = role.ranks.index(env.rank)
     # One store for everything, next to MASTER_PORT so multi-node runs need no extra ports.
@@ -178,7 +192,10 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
                             rank=role_rank, world_size=len(role.ranks), timeout=timeout)
     exchange = None
     if len(plan.roles) > 1:
-        exchange = _exchange_group(backend, store, env, timeout)
+        # Libraries that read the launcher's variables must see the world they live in, the role's:
+        # DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more.
+        os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)))
+        exchange = dist.ProcessGroupGloo(dist.PrefixStore("exchange", store), env.rank, env.world_size, timeout)
     replica_group = None
     if role.name != TRAINER:
         # new_group is collective over the role's world: every replica's group is created on every rank.
@@ -187,16 +204,7 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
             group = dist.new_group(members)
             if role_rank in members:
                 replica_group = group
-    return Topology(plan, env.rank, role, role_rank, exchange, replica_group)
-
-
-def _exchange_group(backend: str, store: "dist.Store", env: LaunchEnv, timeout: datetime.timedelta) -> "dist.ProcessGroup":
-    prefix = dist.PrefixStore("exchange", store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefix, env.rank, env.world_size, timeout)
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = timeout
-    return dist.ProcessGroupNCCL(prefix, env.rank, env.world_size, options)
+    return Topology(plan, env.rank, role, role_rank, exchange, replica_group, device)
 
 
 def default_backend() -> str:

@@ -1,7 +1,9 @@
 """The training loop. One step, top to bottom:
 
-    micro-batches (x gradient_accumulation_steps)
-    -> for each: select sources -> request only the chosen ones -> fuse their sparse answers
+    dispatch ahead: for the micro-batches of steps up to t + prefetch_steps not yet sent,
+       select sources -> request only the chosen ones (disaggregated sources start computing)
+    micro-batches of step t (x gradient_accumulation_steps)
+    -> for each: collect the answers that arrived -> fuse them
        (and train the selector on the scores the sources realised)
     -> global token counts -> for each: target forward through the chunked LM head -> fused loss
        -> ZeRO-3 backward -> step
@@ -18,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -35,9 +39,13 @@ from fusion.fusion_weights import FusedSoftTarget, chosen_weights, fuse_soft_lab
 from fusion.loss import fused_lm_loss
 from fusion.metrics import MetricsLogger
 from fusion.selection import GATE_MODES, SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
+from fusion.sources.dispatch import EngineSources, LocalDispatch
 from fusion.sources.pool import DTYPES, ColocatedSources, OfflineSources
-from fusion.sources.scoring import encode_with_offsets
 from fusion.topology import Topology
+
+
+# Stands in for the score of a row a source did not answer (masked out of the weights anyway).
+UNANSWERED_NLL = 1e9
 
 
 def _no_soft_target(batch: dict) -> FusedSoftTarget:
@@ -104,6 +112,16 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
 
 
 @dataclass(frozen=True)
+class Dispatched:
+    """A micro-batch whose sources were chosen and asked (``ran``/``ticket`` None without sources)."""
+
+    step: int
+    batch: dict
+    ran: torch.Tensor | None
+    ticket: object
+
+
+@dataclass(frozen=True)
 class TrainResult:
     steps: int
     tokens: int
@@ -115,6 +133,7 @@ class TrainResult:
     sources: dict
     model_dir: str
     tensorboard_dir: str
+    step_seconds: list  # wall time of every step of this run
 
 
 class Trainer:
@@ -126,6 +145,7 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.metrics = MetricsLogger(self.output_dir / "tensorboard", enabled=topology.is_logging_rank)
+        self.sources = None
 
     # -----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -145,16 +165,21 @@ class Trainer:
         self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
 
-        self.sources = None
         self.selector = None
-        if config.fusion.mode != "none" and config.fusion.offline:
-            self.sources = OfflineSources(config.sources, Path(config.fusion.answers_dir), self.tokenizer, config.fusion.top_k,
-                                          config.fusion.temperature, self.train_chunks)
-        elif config.fusion.mode != "none":
-            self.sources = ColocatedSources(config.sources, self.tokenizer, config.fusion.top_k, config.fusion.temperature,
-                                            config.data.max_length, Path(config.run.cache_dir) / "vocab_maps", self.device)
-            for name, counters in zip(self.sources.names, self.sources.counters):
-                self.metrics.info(f"source {name}: vocabulary map coverage {counters.coverage}")
+        fusion, data = config.fusion, config.data
+        # Overlap needs sources in other processes; in-process sources answer when collected.
+        self.prefetch_steps = 0
+        if fusion.mode != "none" and config.topology.placement == "disaggregated":
+            self.sources = EngineSources(config.sources, topology, fusion.top_k, config.topology.request_timeout_s,
+                                         config.topology.startup_timeout_s)
+            self.prefetch_steps = config.topology.prefetch_steps
+        elif fusion.mode != "none" and fusion.offline:
+            self.sources = LocalDispatch(OfflineSources(config.sources, Path(fusion.answers_dir), self.tokenizer, fusion.top_k,
+                                                        fusion.temperature, self.train_chunks), self.tokenizer, data.max_length)
+        elif fusion.mode != "none":
+            self.sources = LocalDispatch(ColocatedSources(config.sources, self.tokenizer, fusion.top_k, fusion.temperature,
+                                                          data.max_length, Path(config.run.cache_dir) / "vocab_maps", self.device),
+                                         self.tokenizer, data.max_length)
         if config.fusion.mode in GATE_MODES:
             selector = config.selector
             self.selector = SelectionNetwork(len(config.sources), config.fusion.mode, vocab_size=len(self.tokenizer),
@@ -180,6 +205,12 @@ class Trainer:
         module = TrainModule(causal_lm, config.trainer.loss_chunk_size)
         deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+        if isinstance(self.sources, EngineSources):
+            # The source groups loaded their models meanwhile.
+            self.sources.wait_until_ready()
+        if self.sources is not None:
+            for name, counters in zip(self.sources.names, self.sources.counters):
+                self.metrics.info(f"source {name}: vocabulary map coverage {counters.coverage}")
 
     def _load_data(self, tokenizers):
         data = self.config.data
@@ -196,7 +227,8 @@ class Trainer:
                 self.train_chunks = chunks
                 chunks = chunks.add_column("chunk_index", list(range(len(chunks))))
             if limit is not None and len(chunks) > limit:
-                chunks = chunks.shuffle(seed=self.config.run.seed).select(range(limit))
+                subset_seed = self.config.run.seed if data.subset_seed is None else data.subset_seed
+                chunks = chunks.shuffle(seed=subset_seed).select(range(limit))
             self.metrics.info(f"data {split_name}: {len(chunks)} chunks of <= {data.max_length} tokens ({report})")
             splits.append(chunks)
         return splits
@@ -218,39 +250,54 @@ class Trainer:
                            batch["labels"].to(self.device), target.indices.to(self.device), target.probs.to(self.device),
                            target.valid.to(self.device), self.lam, lm_normalizer, soft_normalizer)
 
-    def _fused_target(self, batch: dict, step: int) -> FusedSoftTarget:
-        """Select sources, request only the chosen ones, fuse their answers into one sparse target."""
-        fusion, selector = self.config.fusion, self.config.selector
-        batch_size, length = batch["input_ids"].shape
-        if fusion.mode == "none":
-            return _no_soft_target(batch)
-        _, target_offsets, _ = encode_with_offsets(self.tokenizer, batch["texts"], self.config.data.max_length)
+    def _dispatch(self, batch: dict, step: int) -> Dispatched:
+        """Choose the sources of each sequence and ask only those (predictive mode: before any source runs)."""
+        if self.sources is None:
+            return Dispatched(step, batch, None, None)
+        selector = self.config.selector
         available = self.sources.available
-        max_sources = selector.max_sources or len(self.sources)
-        if fusion.mode == "predictive":
-            # Features known before any source runs: only the chosen sources compute.
-            gate_logits = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        if self.config.fusion.mode == "predictive":
+            with torch.no_grad():
+                gate_probs = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)).softmax(-1)
             explore = exploration_rate_at(step, selector.exploration.start, selector.exploration.end,
                                           max(1, selector.exploration.decay_steps))
-            ran = select(gate_logits.softmax(-1).cpu(), selector.tau, selector.min_sources, max_sources, explore,
-                         self.generator, available)
+            ran = select(gate_probs.cpu(), selector.tau, selector.min_sources, self._max_sources, explore, self.generator, available)
         else:
-            ran = available.expand(batch_size, -1).clone()
-        answers = self.sources.answer(batch, target_offsets, ran, length)
+            ran = available.expand(batch["input_ids"].shape[0], -1).clone()
+        return Dispatched(step, batch, ran, self.sources.request(batch, ran, step))
+
+    @property
+    def _max_sources(self) -> int:
+        return self.config.selector.max_sources or len(self.sources)
+
+    def _fused_target(self, dispatched: Dispatched) -> FusedSoftTarget:
+        """Collect the answers of a dispatched micro-batch and fuse them into one sparse target."""
+        fusion, selector, batch = self.config.fusion, self.config.selector, dispatched.batch
+        if self.sources is None:
+            return _no_soft_target(batch)
+        answers, arrived = self.sources.collect(dispatched.ticket)
+        # A source that failed or went down answered nothing: fuse and learn from what arrived.
+        ran = dispatched.ran & arrived
+        if not bool(ran.any()):
+            self._count_routing(batch["domains"], ran, torch.zeros(ran.shape))
+            return _no_soft_target(batch)
         nll_per_byte = torch.stack([answer.nll_per_byte for answer in answers], dim=1)
-        if fusion.mode == "scores":
+        if fusion.mode == "predictive":
+            gate_logits = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        elif fusion.mode == "scores":
             gate_logits = self.selector(nll_per_byte=nll_per_byte.to(self.device))
         if fusion.mode in GATE_MODES:
             gate_probs = gate_logits.detach().softmax(-1).cpu()
-            used = ran if fusion.mode == "predictive" else select(gate_probs, selector.tau, selector.min_sources, max_sources, 0.0,
-                                                                   available_mask=available)
-            weights = chosen_weights(gate_probs, used)
+            used = ran if fusion.mode == "predictive" else select(gate_probs, selector.tau, selector.min_sources, self._max_sources,
+                                                                   0.0, available_mask=ran.any(0))
+            weights = chosen_weights(gate_probs, used & ran)
             if fusion.sharpen_temperature is not None:
                 weights = sharpen_weights(weights, nll_per_byte, fusion.sharpen_temperature)
             self._train_selector(gate_logits, ran, nll_per_byte)
         else:
-            nll_per_token = torch.stack([answer.nll_per_token for answer in answers], dim=1)
-            weights = baseline_weights(fusion.mode, nll_per_token, available)
+            # Baselines weigh sources per batch; rows a source did not answer get no weight from it.
+            nll_per_token = torch.stack([answer.nll_per_token for answer in answers], dim=1).nan_to_num(nan=UNANSWERED_NLL)
+            weights = chosen_weights(baseline_weights(fusion.mode, nll_per_token, ran.any(0)), ran)
         self._count_routing(batch["domains"], ran, weights)
         return fuse_soft_labels(answers, weights, fusion.temperature)
 
@@ -281,12 +328,16 @@ class Trainer:
             return {}
         scalars = {}
         sequences = self.routing_sequences.clamp(min=1)
+        available = self.sources.available
         for s, name in enumerate(self.sources.names):
             scalars[f"select/rate/{name}"] = float(self.routing_ran[:, s].sum() / sequences.sum())
             counters = self.sources.counters[s]
             scalars[f"source/{name}/requests"] = counters.requests
             scalars[f"source/{name}/sequences"] = counters.sequences
             scalars[f"source/{name}/latency_s"] = counters.seconds / max(counters.requests, 1)
+            scalars[f"source/{name}/waited_s"] = counters.waited
+            scalars[f"source/{name}/failures"] = counters.failures
+            scalars[f"source/{name}/down"] = float(not bool(available[s]))
             for d, domain in enumerate(self.domains):
                 scalars[f"select/rate/{domain}/{name}"] = float(self.routing_ran[d, s] / sequences[d])
                 scalars[f"select/weight/{domain}/{name}"] = float(self.routing_weight[d, s] / sequences[d])
@@ -337,16 +388,28 @@ class Trainer:
         done = self._resume()
         # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
         consumed = done * trainer.gradient_accumulation_steps
-        micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
-                                                               consumed % len(self.train_loader)))
+        micro_batches = islice((batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
+                                                                      consumed % len(self.train_loader))),
+                               (trainer.max_steps - done) * trainer.gradient_accumulation_steps)
+        in_flight: deque[Dispatched] = deque()
+        next_dispatch_step = done + 1
         started = time.time()
         tokens_seen = 0
         losses: list[float] = []
+        step_times: list[float] = []
         progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
             step_started = time.time()
-            batches = [next(micro_batches) for _ in range(trainer.gradient_accumulation_steps)]
-            targets = [self._fused_target(batch, step) for batch in batches]
+            if self.sources is not None:
+                self.sources.agree_on_down(self.topology.trainer_group)
+            # Requests for later steps go out now: disaggregated sources compute while this step trains.
+            while next_dispatch_step <= min(step + self.prefetch_steps, trainer.max_steps):
+                in_flight.extend(self._dispatch(next(micro_batches), next_dispatch_step)
+                                 for _ in range(trainer.gradient_accumulation_steps))
+                next_dispatch_step += 1
+            dispatched = [in_flight.popleft() for _ in range(trainer.gradient_accumulation_steps)]
+            batches = [entry.batch for entry in dispatched]
+            targets = [self._fused_target(entry) for entry in dispatched]
             # Shifted targets: position t predicts token t+1, so the first label of a row is never a target.
             local_counts = torch.tensor([sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches),
                                          sum(int(target.valid.sum()) for target in targets)], device=self.device)
@@ -365,6 +428,7 @@ class Trainer:
             tokens_seen += step_tokens
             losses.append(step_loss)
             step_seconds = time.time() - step_started
+            step_times.append(round(step_seconds, 4))
             progress.set_postfix(loss=f"{step_loss:.3f}")
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 self.metrics.scalars(step, {
@@ -383,20 +447,35 @@ class Trainer:
         self.metrics.scalars(trainer.max_steps, self._eval_scalars(final_eval))
         model_dir = self.save_model()
         routing = self.routing_table() if self.sources is not None else {}
-        sources = {}
-        if self.sources is not None:
-            for name, counters in zip(self.sources.names, self.sources.counters):
-                local = torch.tensor([counters.requests, counters.sequences, counters.seconds, counters.failures], device=self.device)
-                requests, sequences, seconds, failures = self._global_sum(local).tolist()
-                sources[name] = {"requests": int(requests), "sequences": int(sequences), "seconds": round(seconds, 2),
-                                 "failures": int(failures), "vocab_coverage": counters.coverage}
+        sources = self._source_summary() if self.sources is not None else {}
         window = min(5, len(losses))
         result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:window]) / window,
                              sum(losses[-window:]) / window, final_eval, routing, sources, str(model_dir),
-                             str(self.metrics.log_dir))
+                             str(self.metrics.log_dir), step_times)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
         return result
+
+    def _source_summary(self) -> dict:
+        """Per source, over all trainer ranks: what was asked and how long the trainer waited; for
+        disaggregated sources also what each replica reports it served, and why a replica went down."""
+        available = self.sources.available
+        served = self.sources.close()
+        summary = {}
+        for index, (name, counters) in enumerate(zip(self.sources.names, self.sources.counters)):
+            local = torch.tensor([counters.requests, counters.sequences, counters.tokens, counters.seconds, counters.waited,
+                                  counters.failures], device=self.device)
+            requests, sequences, tokens, seconds, waited, failures = self._global_sum(local).tolist()
+            summary[name] = {"requests": int(requests), "sequences": int(sequences), "tokens": int(tokens),
+                             "compute_s": round(seconds, 2), "waited_s": round(waited, 2), "failures": int(failures),
+                             "down": not bool(available[index]), "vocab_coverage": counters.coverage}
+            if name in served:
+                summary[name]["served"] = served[name]
+        if isinstance(self.sources, EngineSources):
+            summary = {name: {**entry, "down_reasons": {replica: reason for replica, reason in self.sources.down_reasons.items()
+                                                       if replica.startswith(f"{name}/")}}
+                       for name, entry in summary.items()}
+        return summary
 
     # -----------------------------------------------------------------------------------------
     @staticmethod
@@ -454,4 +533,7 @@ class Trainer:
         return model_dir
 
     def cleanup(self) -> None:
+        """Release the sources (disaggregated: every source group is told to stop) and the logs."""
+        if self.sources is not None:
+            self.sources.close(collect_reports=False)
         self.metrics.close()

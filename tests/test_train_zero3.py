@@ -20,13 +20,13 @@ from conftest import ROOT, free_port
 pytestmark = pytest.mark.distributed
 
 
-def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fusion: dict | None = None,
-           sources: list | None = None, selector: dict | None = None, **trainer) -> tuple[subprocess.CompletedProcess, Path]:
-    output_dir = tmp_path / name
+def write_config(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fusion: dict | None = None,
+                 sources: list | None = None, selector: dict | None = None, topology: dict | None = None, **trainer) -> Path:
+    """A run config in ``tmp_path/<name>.yaml`` writing to ``tmp_path/<name>``, one thread per rank."""
     config = {
         "target": str(target),
-        "run": {"name": name, "output_dir": str(output_dir), "seed": 7, "cache_dir": str(tmp_path / "cache")},
-        "topology": {"placement": "colocated", "trainer_ranks": ranks},
+        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 7, "cache_dir": str(tmp_path / "cache")},
+        "topology": {"placement": "colocated", "trainer_ranks": ranks, **(topology or {})},
         "data": {"corpus": str(corpus), "max_length": 48},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "num_threads": 1, "log_every": 1,
                     "eval_batches": 2, "loss_chunk_size": 37, **trainer},
@@ -36,12 +36,19 @@ def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fu
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(ROOT / "launch/train.py"), "--config", str(path)]
+    return path
+
+
+def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, world_size: int | None = None,
+           **settings) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``deepspeed --num_gpus <world_size or ranks> launch/train.py`` on a fresh config; assert it exits 0."""
+    path = write_config(tmp_path, name, ranks, target, corpus, **settings)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size or ranks),
+               "--master_port", str(free_port()), str(ROOT / "launch/train.py"), "--config", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result, output_dir
+    return result, tmp_path / name
 
 
 def test_two_rank_zero3_run_learns_and_saves_a_loadable_model(tmp_path, tiny_target, tiny_corpus):

@@ -25,11 +25,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class SourceCounters:
-    """What one source did so far on this rank (requests = forward passes)."""
+    """What one source did so far for this rank.
+
+    ``requests`` are forward passes, ``tokens`` the target tokens of the sequences sent,
+    ``seconds`` the source's compute time and ``waited`` the time the trainer was blocked on it
+    (the same thing in-process; less when a disaggregated source computes ahead).
+    """
 
     requests: int = 0
     sequences: int = 0
+    tokens: int = 0
     seconds: float = 0.0
+    waited: float = 0.0
     failures: int = 0
     coverage: dict = field(default_factory=dict)
 
@@ -86,7 +93,7 @@ class ColocatedSources:
         def score(source: int, rows: list[int]) -> SparseSoftLabels:
             return self.scorers[source].score([texts[row] for row in rows], [target_offsets[row] for row in rows], length)
 
-        return _answers_by_source(score, chosen, length, self.top_k, self.batch_sizes, self.counters)
+        return _answers_by_source(score, chosen, batch["attention_mask"], self.top_k, self.batch_sizes, self.counters)
 
 
 class OfflineSources:
@@ -94,10 +101,12 @@ class OfflineSources:
 
     Only the rows chosen for a source are read, so a mode uses no answer it did not ask for.
     The manifest must match this run: the same target tokenizer, top-k, temperature and the
-    same chunked training split (by content hash).
+    same chunked training split (by content hash). A precompute may cover a subset of the split
+    (``data.max_train_chunks``); rows are found through their stored ``chunk_index``.
 
     Raises:
-        ConfigError: answers are missing for a source, or were made with other settings.
+        ConfigError: answers are missing for a source, were made with other settings, or (in
+            ``answer``) do not cover a chunk the run asks for.
     """
 
     def __init__(self, specs: Sequence[SourceConfig], answers_dir: Path, target_tokenizer, top_k: int,
@@ -107,6 +116,7 @@ class OfflineSources:
         self.top_k = top_k
         self.counters = [SourceCounters() for _ in specs]
         self.tables = []
+        self.rows_by_chunk: list[dict[int, int]] = []
         expected = {"target_tokenizer_sha256": tokenizer_sha256(target_tokenizer), "top_k": top_k,
                     "temperature": temperature, "corpus_sha256": corpus_sha256(train_chunks.select_columns(["text"]))}
         for spec in specs:
@@ -122,6 +132,7 @@ class OfflineSources:
                     raise ConfigError(f"fusion.answers_dir: answers of {spec.name!r} were made with another {key} "
                                       f"({manifest.get(key)!r}, this run: {value!r}); rerun launch/precompute.py")
             self.tables.append(answers.with_format("arrow"))
+            self.rows_by_chunk.append({chunk: row for row, chunk in enumerate(answers["chunk_index"])})
 
     def __len__(self) -> int:
         return len(self.tables)
@@ -135,14 +146,22 @@ class OfflineSources:
         chunk_index = batch["chunk_index"]
 
         def read(source: int, rows: list[int]) -> SparseSoftLabels:
-            return from_arrow(self.tables[source][[chunk_index[row] for row in rows]], length, torch.float32)
+            try:
+                stored = [self.rows_by_chunk[source][int(chunk_index[row])] for row in rows]
+            except KeyError as error:
+                raise ConfigError(f"fusion.answers_dir: the answers of {self.names[source]!r} lack chunk {error.args[0]} of the "
+                                  "training split; precompute with this run's data.max_train_chunks and data.subset_seed "
+                                  "(or run.seed)") from None
+            return from_arrow(self.tables[source][stored], length, torch.float32)
 
-        return _answers_by_source(read, chosen, length, self.top_k, self.batch_sizes, self.counters)
+        return _answers_by_source(read, chosen, batch["attention_mask"], self.top_k, self.batch_sizes, self.counters)
 
 
-def _answers_by_source(fetch, chosen: torch.Tensor, length: int, top_k: int, batch_sizes: list[int],
+def _answers_by_source(fetch, chosen: torch.Tensor, attention_mask: torch.Tensor, top_k: int, batch_sizes: list[int],
                        counters: list[SourceCounters]) -> list[SparseSoftLabels]:
     """Call ``fetch(source, rows)`` in batches over the rows chosen for each source; assemble full answers."""
+    length = attention_mask.shape[1]
+    row_tokens = attention_mask.sum(1)
     answers = []
     for source, batch_size in enumerate(batch_sizes):
         full = SparseSoftLabels.empty(chosen.shape[0], length, top_k, torch.float32)
@@ -151,9 +170,12 @@ def _answers_by_source(fetch, chosen: torch.Tensor, length: int, top_k: int, bat
             part_rows = rows[start:start + batch_size]
             started = time.perf_counter()
             part = fetch(source, part_rows)
-            counters[source].seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            counters[source].seconds += elapsed
+            counters[source].waited += elapsed
             counters[source].requests += 1
             counters[source].sequences += len(part_rows)
+            counters[source].tokens += int(row_tokens[part_rows].sum())
             index = torch.tensor(part_rows)
             for name in ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte"):
                 getattr(full, name)[index] = getattr(part, name)

@@ -1,0 +1,120 @@
+"""Disaggregated runs on CPU (gloo): trainer ranks plus one DeepSpeed inference engine group per source."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, free_port
+from test_train_zero3 import launch, write_config
+
+pytestmark = pytest.mark.distributed
+
+STEPS = {"micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1}
+
+
+def source_specs(tiny_sources: list[Path], tensor_parallel: dict | None = None, batch_size: int = 3) -> list[dict]:
+    return [{"name": path.name, "path": str(path), "batch_size": batch_size,
+             "tensor_parallel": (tensor_parallel or {}).get(path.name, 1)} for path in tiny_sources]
+
+
+def test_disaggregated_sources_train_like_colocated_ones(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    """Same batches and seed: engine groups (one with AutoTP over 2 ranks) give the colocated losses and weights."""
+    settings = {"fusion": {"mode": "scores", "lam": 0.5}, "max_steps": 3, **STEPS}
+    _, colocated = launch(tmp_path, "colocated", 2, tiny_target, tiny_corpus, sources=source_specs(tiny_sources), **settings)
+    # 2 trainer ranks + bpe (tensor_parallel 2) + wordpiece (1 rank) = 5 ranks; requests prefetched one step ahead.
+    result, disaggregated = launch(tmp_path, "disaggregated", 2, tiny_target, tiny_corpus, world_size=5,
+                                   sources=source_specs(tiny_sources, {"bpe": 2}),
+                                   topology={"placement": "disaggregated", "prefetch_steps": 1}, **settings)
+    local, remote = (json.loads((run / "result.json").read_text()) for run in (colocated, disaggregated))
+    assert remote["first_loss"] == pytest.approx(local["first_loss"], rel=1e-5)
+    assert remote["final_loss"] == pytest.approx(local["final_loss"], rel=1e-5)
+    first, second = (load_file(run / "model" / "model.safetensors") for run in (colocated, disaggregated))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6, msg=key)
+    for name in ("bpe", "wordpiece"):
+        assert remote["sources"][name]["sequences"] == local["sources"][name]["sequences"] == 3 * 4 * 2
+        assert not remote["sources"][name]["down"]
+    assert "source bpe replica 0: served" in result.stdout and "waited" in result.stdout
+
+
+def test_only_chosen_sources_receive_requests(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    """Counted at the sources: each served exactly the sequences the selector sent it, from both trainer ranks."""
+    steps = 5
+    _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, world_size=4,
+                           sources=source_specs(tiny_sources), topology={"placement": "disaggregated", "prefetch_steps": 2},
+                           fusion={"mode": "predictive", "lam": 0.5},
+                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0}}, max_steps=steps, **STEPS)
+    summary = json.loads((output_dir / "result.json").read_text())
+    routing, sources = summary["routing"], summary["sources"]
+    sequences = steps * 4 * 2
+    served = {name: sum(replica["sequences"] for replica in entry["served"]) for name, entry in sources.items()}
+    for name, entry in sources.items():
+        chosen = sum(routing[domain][name]["sequences"] for domain in routing)
+        assert served[name] == entry["sequences"] == chosen, (name, served, chosen)
+        by_rank = entry["served"][0]["by_trainer_rank"]
+        assert sum(by_rank.values()) == served[name]
+    # max_sources 1, no exploration: exactly one source computed each sequence.
+    assert sum(served.values()) == sequences
+    assert (output_dir / "selector.pt").is_file()
+
+
+def start_ranks(config: Path, world_size: int, log_dir: Path) -> list[subprocess.Popen]:
+    """One process per rank, as a per-node launcher would start them (the single-node `deepspeed`
+    launcher kills every rank when one dies, so a dying source is only survivable across nodes)."""
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+        log = open(log_dir / f"rank{rank}.log", "w")
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(config)],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return processes
+
+
+def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    sources = source_specs(tiny_sources) + [{"name": "hung", "path": str(tiny_sources[0]), "batch_size": 3}]
+    steps = 16
+    config = write_config(tmp_path, "failures", 1, tiny_target, tiny_corpus, sources=sources,
+                          topology={"placement": "disaggregated", "request_timeout_s": 5},
+                          fusion={"mode": "all_uniform", "lam": 0.5}, max_steps=steps, **STEPS)
+    processes = start_ranks(config, 4, tmp_path)  # trainer, bpe, wordpiece, hung
+    trainer, _, wordpiece, hung = processes
+    trainer_log = tmp_path / "rank0.log"
+    try:
+        deadline = time.monotonic() + 300
+        while f"step 4/{steps}" not in trainer_log.read_text():
+            assert trainer.poll() is None and time.monotonic() < deadline, trainer_log.read_text()[-3000:]
+            time.sleep(0.1)
+        wordpiece.send_signal(signal.SIGKILL)  # dies: its connection closes
+        hung.send_signal(signal.SIGSTOP)  # hangs: only the request timeout finds it
+        assert trainer.wait(timeout=300) == 0, trainer_log.read_text()[-4000:]
+        assert processes[1].wait(timeout=60) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    summary = json.loads((tmp_path / "failures" / "result.json").read_text())
+    entries = summary["sources"]
+    assert entries["wordpiece"]["down"] and entries["hung"]["down"] and not entries["bpe"]["down"]
+    assert entries["wordpiece"]["failures"] == entries["hung"]["failures"] == 1
+    # The dead one is found by its closed connection (at once), the hung one by the request deadline.
+    assert "timed out" not in json.dumps(entries["wordpiece"]["down_reasons"])
+    assert "timed out after 5 s" in json.dumps(entries["hung"]["down_reasons"])
+    assert entries["hung"]["waited_s"] >= 5
+    # The live source answered every sequence; the others stopped being asked once down.
+    assert entries["bpe"]["sequences"] == steps * 4
+    assert 4 * 4 <= entries["wordpiece"]["sequences"] < steps * 4
+    assert math.isfinite(summary["final_loss"])
+    assert "is down" in trainer_log.read_text()
