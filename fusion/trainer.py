@@ -22,7 +22,6 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -115,7 +114,6 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
 class Dispatched:
     """A micro-batch whose sources were chosen and asked (``ran``/``ticket`` None without sources)."""
 
-    step: int
     batch: dict
     ran: torch.Tensor | None
     ticket: object
@@ -253,7 +251,7 @@ class Trainer:
     def _dispatch(self, batch: dict, step: int) -> Dispatched:
         """Choose the sources of each sequence and ask only those (predictive mode: before any source runs)."""
         if self.sources is None:
-            return Dispatched(step, batch, None, None)
+            return Dispatched(batch, None, None)
         selector = self.config.selector
         available = self.sources.available
         if self.config.fusion.mode == "predictive":
@@ -264,7 +262,7 @@ class Trainer:
             ran = select(gate_probs.cpu(), selector.tau, selector.min_sources, self._max_sources, explore, self.generator, available)
         else:
             ran = available.expand(batch["input_ids"].shape[0], -1).clone()
-        return Dispatched(step, batch, ran, self.sources.request(batch, ran, step))
+        return Dispatched(batch, ran, self.sources.request(batch, ran, step))
 
     @property
     def _max_sources(self) -> int:
@@ -313,7 +311,7 @@ class Trainer:
                 dist.all_reduce(parameter.grad, group=self.topology.trainer_group)
                 parameter.grad /= self.topology.dp_size
         self.selector_optimizer.step()
-        self.selector_stats = {"select/loss": float(loss), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2)}
+        self.selector_stats = {"select/loss": float(loss.detach()), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2)}
 
     def _count_routing(self, domains: list[str], ran: torch.Tensor, weights: torch.Tensor) -> None:
         for row, domain in enumerate(domains):
@@ -388,9 +386,8 @@ class Trainer:
         done = self._resume()
         # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
         consumed = done * trainer.gradient_accumulation_steps
-        micro_batches = islice((batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
-                                                                      consumed % len(self.train_loader))),
-                               (trainer.max_steps - done) * trainer.gradient_accumulation_steps)
+        micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
+                                                               consumed % len(self.train_loader)))
         in_flight: deque[Dispatched] = deque()
         next_dispatch_step = done + 1
         started = time.time()

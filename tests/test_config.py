@@ -1,4 +1,6 @@
 """Config validation: every class of bad input gets an error that names the key."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -72,6 +74,10 @@ def test_wrong_types_are_named(raw, message):
      r"selector\.min_sources: 2 exceeds the number of sources \(1\)"),
     (base(selector={"min_sources": 2, "max_sources": 1}), r"selector\.max_sources: 1 is below selector\.min_sources"),
     (base(data={"max_length": 4}), r"data\.max_length: must be >= 8"),
+    (base(topology={"prefetch_steps": -1}), r"topology\.prefetch_steps: must be >= 0"),
+    (base(topology={"request_timeout_s": 0}), r"topology\.request_timeout_s: must be > 0 seconds"),
+    (base(topology={"placement": "disaggregated"}, fusion={"mode": "min_ce", "offline": True}, sources=sources(("a", {}))),
+     r"fusion\.offline: offline answers are read by the trainer; use placement: colocated"),
 ])
 def test_impossible_values_are_named(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,7 +128,7 @@ def test_load_config_reports_bad_files(tmp_path):
 
 def test_repository_configs_are_valid():
     # Paths are checked by the runs themselves; here only keys, types and values.
-    for path in ("configs/demo.yaml", "configs/colocated.yaml"):
+    for path in sorted(str(path) for path in Path("configs").glob("*.yaml")):
         load_config(path, check_paths=False)
 
 

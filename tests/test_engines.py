@@ -48,21 +48,27 @@ def test_disaggregated_sources_train_like_colocated_ones(tmp_path, tiny_target, 
 
 
 def test_only_chosen_sources_receive_requests(tmp_path, tiny_target, tiny_sources, tiny_corpus):
-    """Counted at the sources: each served exactly the sequences the selector sent it, from both trainer ranks."""
+    """Counted at the sources: each served exactly the sequences the selector sent it, from both trainer
+    ranks; the two replicas of one source share its load."""
     steps = 5
-    _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, world_size=4,
-                           sources=source_specs(tiny_sources), topology={"placement": "disaggregated", "prefetch_steps": 2},
+    specs = source_specs(tiny_sources, batch_size=2)
+    specs[1]["replicas"] = 2
+    _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, world_size=5,
+                           sources=specs, topology={"placement": "disaggregated", "prefetch_steps": 2},
                            fusion={"mode": "predictive", "lam": 0.5},
                            selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0}}, max_steps=steps, **STEPS)
     summary = json.loads((output_dir / "result.json").read_text())
     routing, sources = summary["routing"], summary["sources"]
     sequences = steps * 4 * 2
+    replicas_of = {spec["name"]: spec.get("replicas", 1) for spec in specs}
     served = {name: sum(replica["sequences"] for replica in entry["served"]) for name, entry in sources.items()}
     for name, entry in sources.items():
         chosen = sum(routing[domain][name]["sequences"] for domain in routing)
         assert served[name] == entry["sequences"] == chosen, (name, served, chosen)
-        by_rank = entry["served"][0]["by_trainer_rank"]
-        assert sum(by_rank.values()) == served[name]
+        assert len(entry["served"]) == replicas_of[name]
+        assert sum(sum(replica["by_trainer_rank"].values()) for replica in entry["served"]) == served[name]
+    replicas = sources["wordpiece"]["served"]
+    assert len(replicas) == 2 and all(replica["sequences"] > 0 for replica in replicas), replicas
     # max_sources 1, no exploration: exactly one source computed each sequence.
     assert sum(served.values()) == sequences
     assert (output_dir / "selector.pt").is_file()

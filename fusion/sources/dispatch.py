@@ -101,8 +101,8 @@ class _Job:
 
 @dataclass
 class _InFlight:
-    """One request sent to one replica, with its reply's receive buffers (kept alive: gloo may
-    still write into them after the trainer gave up on the source)."""
+    """One request sent to one replica, with the buffers its reply is received into (the posted
+    receives hold them too, so a reply arriving after the trainer gave up lands safely)."""
 
     source: int
     replica: int
