@@ -115,11 +115,17 @@ class LaunchEnv:
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> "LaunchEnv":
-        """Read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; a plain `python` run is rank 0 of 1."""
+        """Read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (deepspeed, torchrun), else
+        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (one `srun` task per rank); a plain `python` run
+        is rank 0 of 1."""
+        def first(*names: str, default):
+            return next((env[name] for name in names if name in env), default)
+
         try:
-            return cls(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
-                       local_rank=int(env.get("LOCAL_RANK", 0)), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=int(env.get("MASTER_PORT", 29500)))
+            return cls(rank=int(first("RANK", "SLURM_PROCID", default=0)),
+                       world_size=int(first("WORLD_SIZE", "SLURM_NTASKS", default=1)),
+                       local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default=0)),
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)))
         except ValueError as error:
             raise TopologyError(f"malformed launcher environment: {error}") from None
 
@@ -190,11 +196,12 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
     store = dist.TCPStore(env.master_addr, env.master_port + 1, env.world_size, is_master=env.rank == 0, timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"role/{role.name}", store),
                             rank=role_rank, world_size=len(role.ranks), timeout=timeout)
+    # Libraries that read the launcher's variables must see the world they live in, the role's
+    # (DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more).
+    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     exchange = None
     if len(plan.roles) > 1:
-        # Libraries that read the launcher's variables must see the world they live in, the role's:
-        # DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more.
-        os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)))
         exchange = dist.ProcessGroupGloo(dist.PrefixStore("exchange", store), env.rank, env.world_size, timeout)
     replica_group = None
     if role.name != TRAINER:

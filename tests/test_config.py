@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from fusion.config import ConfigError, load_config, parse_config
-from fusion.topology import TopologyError, plan_ranks
+from fusion.topology import LaunchEnv, TopologyError, plan_ranks
 
 
 def base(**sections):
@@ -160,3 +160,15 @@ def test_world_size_mismatch_shows_expected_layout():
     message = str(error.value)
     assert "started 4 rank(s) but the config's topology needs 5" in message
     assert "a                ranks [2, 3]" in message and "deepspeed --num_gpus 5" in message
+
+
+def test_launch_env_reads_deepspeed_torchrun_and_slurm_variables():
+    launcher = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"}
+    assert LaunchEnv.from_mapping(launcher) == LaunchEnv(3, 8, 1, "node0", 29600)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "MASTER_ADDR": "node0"}
+    assert LaunchEnv.from_mapping(slurm) == LaunchEnv(5, 16, 5, "node0", 29500)
+    # The launcher's own variables win over SLURM's (a deepspeed launch inside an allocation).
+    assert LaunchEnv.from_mapping({**slurm, **launcher}).rank == 3
+    assert LaunchEnv.from_mapping({}) == LaunchEnv(0, 1, 0, "127.0.0.1", 29500)
+    with pytest.raises(TopologyError, match="malformed launcher environment"):
+        LaunchEnv.from_mapping({"RANK": "zero"})

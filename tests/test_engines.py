@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,3 +125,21 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
     assert 4 * 4 <= entries["wordpiece"]["sequences"] < steps * 4
     assert math.isfinite(summary["final_loss"])
     assert "is down" in trainer_log.read_text()
+
+
+def test_a_failing_trainer_exits_non_zero_and_stops_the_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    broken = tmp_path / "broken-target"
+    shutil.copytree(tiny_target, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = write_config(tmp_path, "broken", 1, broken, tiny_corpus, sources=source_specs(tiny_sources[:1]),
+                          topology={"placement": "disaggregated"}, fusion={"mode": "all_uniform"}, max_steps=2, **STEPS)
+    trainer, source = start_ranks(config, 2, tmp_path)
+    try:
+        assert trainer.wait(timeout=300) == 1
+        assert source.wait(timeout=120) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
+    finally:
+        for process in (trainer, source):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "error: trainer rank 0 failed" in (tmp_path / "rank0.log").read_text()

@@ -30,6 +30,9 @@ from fusion.sources.wire import (HEADER_SIZE, TO_SOURCE_TAG, TO_TRAINER_TAG, Cha
 from fusion.topology import Topology
 
 
+STOP_GRACE_S = 5.0
+
+
 class LocalDispatch:
     """``ColocatedSources`` / ``OfflineSources`` behind the request/collect interface."""
 
@@ -303,8 +306,11 @@ class EngineSources:
         live = [(source, replica, link) for source, replica, link in self._replicas() if not self.replica_down[source][replica]]
         stops = [(source, replica, link.submit(lambda leader=link.leader: self.channel.send_message(leader, Header(Kind.STOP), [])))
                  for source, replica, link in live]
+        # A failing trainer does not wait long: a source still loading takes the STOP later, or
+        # sees this process's connections close when it exits.
+        deadline = time.monotonic() + (self.request_timeout_s if collect_reports else STOP_GRACE_S)
         for source, replica, job in stops:
-            self._wait(source, replica, job, self.request_timeout_s, "stopping")
+            self._wait(source, replica, job, max(0.0, deadline - time.monotonic()), "stopping")
         if self.topology.dp_rank != 0 or not collect_reports:
             return {}
         reports = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)[1]))
