@@ -283,7 +283,10 @@ class Trainer:
         if fusion.mode == "predictive":
             gate_logits = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
         elif fusion.mode == "scores":
-            gate_logits = self.selector(nll_per_byte=nll_per_byte.to(self.device))
+            # A source that did not answer a row gets that row's worst arrived score as its feature;
+            # it gets no weight there anyway (``used & ran`` below).
+            worst = torch.where(ran, nll_per_byte, float("-inf")).amax(1, keepdim=True).nan_to_num(neginf=0.0)
+            gate_logits = self.selector(nll_per_byte=torch.where(ran, nll_per_byte, worst).to(self.device))
         if fusion.mode in GATE_MODES:
             gate_probs = gate_logits.detach().softmax(-1).cpu()
             used = ran if fusion.mode == "predictive" else select(gate_probs, selector.tau, selector.min_sources, self._max_sources,

@@ -89,12 +89,13 @@ def start_ranks(config: Path, world_size: int, log_dir: Path) -> list[subprocess
     return processes
 
 
-def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+@pytest.mark.parametrize("mode", ["all_uniform", "scores"])
+def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path, tiny_target, tiny_sources, tiny_corpus, mode):
     sources = source_specs(tiny_sources) + [{"name": "hung", "path": str(tiny_sources[0]), "batch_size": 3}]
     steps = 16
     config = write_config(tmp_path, "failures", 1, tiny_target, tiny_corpus, sources=sources,
                           topology={"placement": "disaggregated", "request_timeout_s": 5},
-                          fusion={"mode": "all_uniform", "lam": 0.5}, max_steps=steps, **STEPS)
+                          fusion={"mode": mode, "lam": 0.5}, max_steps=steps, **STEPS)
     processes = start_ranks(config, 4, tmp_path)  # trainer, bpe, wordpiece, hung
     trainer, _, wordpiece, hung = processes
     trainer_log = tmp_path / "rank0.log"
