@@ -12,13 +12,16 @@ costs are what the benchmark sets.
 (b) overlap: one trainer rank and one source group, one thread each. Step time with the
     requests for step t+1 sent while step t trains (`topology.prefetch_steps: 1`) vs without
     (0), and vs max(trainer-only step, source compute per step): the trainer-only step is the
-    same trainer with `fusion.mode: none`, the source's compute is what its leader measured.
+    same trainer with `fusion.mode: none`, the source's compute is what its leader measured in
+    the run without prefetch (where it computes while the trainer waits).
 
-Step times are medians over the steps after the first `--warmup` ones. Writes
+Step times are medians over the steps after the first `--warmup` ones; the compared runs
+alternate `--repeats` times and each keeps its fastest median, so a burst of load from
+elsewhere on a shared machine hurts one repeat, not the comparison. Writes
 `benchmarks/results/dispatch.json`; its last two output lines are `bar: selective_speedup <x>`
 (bar >= 1.6) and `bar: overlap_ratio <x>` (bar <= 1.25); exits 0 whether or not the bars are met.
 
-    python benchmarks/dispatch.py [--steps 30] [--out benchmarks/results/dispatch.json]
+    python benchmarks/dispatch.py [--steps 20] [--repeats 2] [--out benchmarks/results/dispatch.json]
 """
 from __future__ import annotations
 
@@ -97,13 +100,26 @@ def median_step(summary: dict, warmup: int) -> float:
     return statistics.median(summary["step_seconds"][warmup:])
 
 
+def fastest_of_repeats(work: Path, variants: dict[str, dict], repeats: int, warmup: int) -> dict[str, tuple[float, dict]]:
+    """Run every variant ``repeats`` times, alternating; per variant the fastest median step and its run."""
+    best: dict[str, tuple[float, dict]] = {}
+    for repeat in range(repeats):
+        for name, settings in variants.items():
+            summary = run(work, f"{name}-{repeat}", **settings)
+            step = median_step(summary, warmup)
+            if name not in best or step < best[name][0]:
+                best[name] = (step, summary)
+    return best
+
+
 def source_compute_per_step(summary: dict, steps: int) -> float:
     return sum(replica["compute_s"] for entry in summary["sources"].values() for replica in entry["served"]) / steps
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each compared variant")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks/results/dispatch")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/dispatch.json")
@@ -122,27 +138,31 @@ def main() -> int:
 
     print("(a) selective vs all sources: 4 equal-cost source groups", flush=True)
     four = [heavy_source] * 4
-    all_sources = run(args.work, "all-sources", target, four, "all_uniform", steps, prefetch=1)
     half = {"min_sources": 2, "max_sources": 2, "tau": 0.01, "exploration": {"start": 0.0, "end": 0.0}}
-    selective = run(args.work, "selective", target, four, "predictive", steps, prefetch=1, selector=half)
+    selective_runs = fastest_of_repeats(args.work, {
+        "all-sources": {"target": target, "sources": four, "mode": "all_uniform", "steps": steps, "prefetch": 1},
+        "selective": {"target": target, "sources": four, "mode": "predictive", "steps": steps, "prefetch": 1, "selector": half},
+    }, args.repeats, args.warmup)
+    (all_step, all_sources), (selective_step, selective) = selective_runs["all-sources"], selective_runs["selective"]
     asked = {name: sum(entry["sequences"] for entry in run_summary["sources"].values()) / (steps * 8 * 4)
              for name, run_summary in (("all_sources", all_sources), ("selective", selective))}
-    all_step, selective_step = median_step(all_sources, args.warmup), median_step(selective, args.warmup)
     speedup = all_step / selective_step
 
     print("(b) overlap: 1 trainer rank + 1 source group, one thread each", flush=True)
-    trainer_only = run(args.work, "trainer-only", overlap_target, [], "none", steps, prefetch=0)
-    serial = run(args.work, "no-prefetch", overlap_target, [overlap_source], "all_uniform", steps, prefetch=0)
-    overlapped = run(args.work, "prefetch", overlap_target, [overlap_source], "all_uniform", steps, prefetch=1)
-    trainer_step = median_step(trainer_only, args.warmup)
-    source_step = source_compute_per_step(overlapped, steps)
+    trainer_step = median_step(run(args.work, "trainer-only", overlap_target, [], "none", steps, prefetch=0), args.warmup)
+    overlap_runs = fastest_of_repeats(args.work, {
+        "no-prefetch": {"target": overlap_target, "sources": [overlap_source], "mode": "all_uniform", "steps": steps, "prefetch": 0},
+        "prefetch": {"target": overlap_target, "sources": [overlap_source], "mode": "all_uniform", "steps": steps, "prefetch": 1},
+    }, args.repeats, args.warmup)
+    (serial_step, serial), (overlapped_step, _) = overlap_runs["no-prefetch"], overlap_runs["prefetch"]
+    # Measured where the source computes alone (the trainer waits): its cost without contention.
+    source_step = source_compute_per_step(serial, steps)
     ideal = max(trainer_step, source_step)
-    serial_step, overlapped_step = median_step(serial, args.warmup), median_step(overlapped, args.warmup)
     overlap_ratio = overlapped_step / ideal
 
     report = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "steps": steps, "warmup_steps_excluded": args.warmup,
+        "steps": steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
         "selective": {"all_sources_step_s": all_step, "selective_step_s": selective_step, "speedup": speedup,
                       "share_of_sources_asked": asked},
         "overlap": {"trainer_only_step_s": trainer_step, "source_compute_per_step_s": source_step,
