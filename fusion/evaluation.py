@@ -8,12 +8,17 @@ not scored (both counts below agree on which tokens are scored).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion.data import load_chunked_split
+from fusion.precompute import subset_rows
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,66 @@ def evaluate_by_domain(model, tokenizer, texts: Sequence[str], domains: Sequence
             total[2] += score.bytes
             total[3] += score.nll
     return {key: DomainScore(key, *values) for key, values in sorted(totals.items(), key=lambda item: (item[0] == "all", item[0]))}
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF folder of ``path``: the folder itself, or the ``model/`` a training run writes into its output_dir.
+
+    Raises:
+        ValueError: neither ``path`` nor ``path/model`` holds a ``config.json``.
+    """
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ValueError(f"{path} is not a Hugging Face model folder (no config.json there or in {path / 'model'}); "
+                     "pass a folder written by save_pretrained or a run's output_dir")
+
+
+def evaluate_models(model_dirs: Mapping[str, str | Path], texts: Sequence[str], domains: Sequence[str], batch_size: int,
+                    max_length: int, device: torch.device | str = "cpu") -> dict[str, dict[str, DomainScore]]:
+    """:func:`evaluate_by_domain` of every model (loaded in fp32, one at a time) on the same texts.
+
+    Args:
+        model_dirs: display name -> HF folder (or a run's output_dir, see :func:`resolve_model_dir`).
+        texts, domains: the held-out chunks and their domain labels, each fitting ``max_length``
+            tokens of every model's tokenizer (chunk them for all of those tokenizers).
+
+    Raises:
+        ValueError: a folder is not a model, or a text is longer than ``max_length`` tokens for a model.
+    """
+    results = {}
+    for name, path in model_dirs.items():
+        folder = resolve_model_dir(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        results[name] = evaluate_by_domain(model, tokenizer, texts, domains, batch_size, max_length, progress=f"evaluate {name}")
+        del model
+    return results
+
+
+def scores_to_json(results: Mapping[str, Mapping[str, DomainScore]]) -> dict[str, dict[str, dict]]:
+    """``{model: {domain: DomainScore.to_dict()}}``, ready for ``json.dump``."""
+    return {name: {domain: score.to_dict() for domain, score in scores.items()} for name, scores in results.items()}
+
+
+def held_out_chunks(config, split_name: str, extra_tokenizer_dirs: Sequence[str | Path] = ()):
+    """The chunks of ``split_name`` a run of ``config`` evaluates on, as a ``datasets.Dataset``.
+
+    Chunked for the target's, every source's and the extra models' tokenizers (so each chunk fits
+    ``data.max_length`` tokens of every one of them); for the eval split, ``data.max_eval_chunks``
+    keeps the sample the trainer keeps (seed ``data.subset_seed``, default ``run.seed``).
+
+    Raises:
+        KeyError: the corpus has no such split, or lacks one of ``data.domains``.
+    """
+    data = config.data
+    folders = [config.target, *(source.path for source in config.sources), *map(resolve_model_dir, extra_tokenizer_dirs)]
+    tokenizers = [AutoTokenizer.from_pretrained(folder) for folder in folders]
+    chunks, _ = load_chunked_split(data.corpus, split_name, data.domains, tokenizers, data.max_length,
+                                   cache_dir=str(Path(config.run.cache_dir) / "chunks"))
+    if split_name == data.eval_split:
+        rows = subset_rows(len(chunks), data.max_eval_chunks, config.run.seed if data.subset_seed is None else data.subset_seed)
+        if rows is not None:
+            chunks = chunks.select(rows)
+    return chunks

@@ -3,13 +3,15 @@
 Layout written under ``out_dir`` (one folder per source)::
 
     out_dir/<source>/manifest.json                      settings, hashes, shard ranges, row counts
-    out_dir/<source>/shard-00000-of-00004.arrow         rows [0, shard_size) of the chunked split
+    out_dir/<source>/shard-00000-of-00004.arrow         the first shard_size chunks computed
     out_dir/<source>/shard-00001-of-00004.arrow         ...
     out_dir/vocab_maps/vocab_map-<hash>.npz             cached vocabulary maps (fusion.vocab_map)
 
 Each shard is one Arrow IPC stream (the format ``datasets`` itself caches in), with the schema
 of :func:`fusion.sources.answer.answer_features`; :func:`load_answers` memory-maps them as one
-``datasets.Dataset`` whose row i is chunk i of the split (``chunk_index`` says so explicitly).
+``datasets.Dataset``; its ``chunk_index`` column gives each answer's row in the whole chunked split.
+By default every chunk is computed (row i is chunk i); ``rows`` restricts the work to a subset, e.g.
+the trainer's ``data.max_train_chunks`` sample (:func:`subset_rows`), and the manifest records it.
 
 Resuming and parallel ranks: a shard is written to a temporary file and renamed into place, so
 a shard file that exists is complete and is never recomputed; an interrupted shard leaves only
@@ -25,9 +27,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import datasets
 import numpy as np
@@ -46,7 +48,7 @@ VOCAB_MAPS = "vocab_maps"
 FORMAT = "fusion.sparse_answers/1"
 # Manifest entries that must agree for a resumed run to extend an existing output folder.
 _SETTINGS = ("format", "source", "source_tokenizer_sha256", "target_tokenizer_sha256", "corpus_sha256",
-             "num_rows", "shard_size", "top_k", "temperature", "max_length", "logprob_dtype")
+             "num_rows", "rows_sha256", "shard_size", "top_k", "temperature", "max_length", "logprob_dtype")
 
 
 @dataclass
@@ -69,6 +71,25 @@ def corpus_sha256(corpus: datasets.Dataset) -> str:
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
     return digest.hexdigest()
+
+
+def subset_rows(num_rows: int, limit: int | None, seed: int) -> list[int] | None:
+    """Rows of a chunked split kept by ``data.max_train_chunks = limit``, in the trainer's order.
+
+    The trainer keeps ``chunks.shuffle(seed=seed).select(range(limit))``; ``datasets`` shuffles with
+    ``np.random.default_rng(seed).permutation``, reproduced here so precompute computes exactly
+    those chunks. Returns None (every row) when ``limit`` is None or not below ``num_rows``.
+    """
+    if limit is None or num_rows <= limit:
+        return None
+    return np.random.default_rng(seed).permutation(num_rows)[:limit].tolist()
+
+
+def rows_sha256(rows: Sequence[int] | None) -> str | None:
+    """Hash of a row subset (None: the whole split), so a resumed run cannot mix two subsets."""
+    if rows is None:
+        return None
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
 def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -143,7 +164,7 @@ def _ensure_manifest(source_dir: Path, manifest: dict) -> None:
 
 
 def load_answers(source_dir: str | Path) -> datasets.Dataset:
-    """All shards of one source as one memory-mapped ``datasets.Dataset`` (row i = chunk i).
+    """All shards of one source as one memory-mapped ``datasets.Dataset`` (``chunk_index``: row in the split).
 
     Raises:
         ValueError: no manifest, or some shards are missing (an unfinished run: rerun it).
@@ -162,9 +183,9 @@ def load_answers(source_dir: str | Path) -> datasets.Dataset:
 
 
 def score_rows(
-    scorer: SourceScorer, texts: Sequence[str], first_index: int, batch_size: int, max_length: int | None
+    scorer: SourceScorer, texts: Sequence[str], chunk_index: Sequence[int], batch_size: int, max_length: int | None
 ) -> tuple[pa.Table, int]:
-    """Answers for consecutive chunks ``texts`` (corpus rows from ``first_index``) as one Arrow table.
+    """Answers for chunks ``texts`` (rows ``chunk_index`` of the split) as one Arrow table.
 
     Rows are batched in order of target length (less padding) and returned in corpus order.
 
@@ -178,7 +199,7 @@ def score_rows(
         batch = order[start : start + batch_size]
         answer = scorer.score([texts[i] for i in batch], [target_offsets[i] for i in batch])
         lengths = [len(target_offsets[i]) for i in batch]
-        tables.append(to_arrow(answer, [first_index + i for i in batch], lengths))
+        tables.append(to_arrow(answer, [chunk_index[i] for i in batch], lengths))
     table = pa.concat_tables(tables).take(np.argsort(np.array(order)))
     return table.combine_chunks(), sum(len(o) for o in target_offsets)
 
@@ -207,6 +228,7 @@ def precompute(
     model_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 512,
     progress: bool = True,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, SourceReport]:
     """Write this rank's shards of sparse answers of every source over ``corpus``.
 
@@ -223,26 +245,32 @@ def precompute(
         device, model_dtype: where and in which dtype source models run.
         chunk_rows: rows of full-vocabulary log-softmax held at once.
         progress: show a tqdm bar per source.
+        rows: the rows of ``corpus`` to compute, in this order (default: all); answers keep their
+            row number in ``chunk_index``, so the whole split's hash still identifies the corpus.
 
     Returns:
         Per source name, what this call wrote and skipped, with its timing.
 
     Raises:
-        ValueError: duplicate source names, a bad rank, the corpus has no ``text`` column, or an
-            existing output folder was made with other settings.
+        ValueError: duplicate source names, a bad rank, the corpus has no ``text`` column, a row
+            outside the corpus, or an existing output folder was made with other settings.
     """
     names = [name for name, _ in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
     if "text" not in corpus.column_names:
         raise ValueError(f"the corpus has columns {corpus.column_names}; precompute needs a 'text' column")
-    ranges = shard_ranges(len(corpus), shard_size)
+    if rows is not None and any(not 0 <= row < len(corpus) for row in rows):
+        raise ValueError(f"rows must lie in [0, {len(corpus)}), the corpus's row range")
+    chunk_index = list(range(len(corpus))) if rows is None else list(rows)
+    ranges = shard_ranges(len(chunk_index), shard_size)
     mine = rank_shards(len(ranges), rank, world_size)
     base = {
         "format": FORMAT,
         "target_tokenizer_sha256": tokenizer_sha256(target_tokenizer),
         "corpus_sha256": corpus_sha256(corpus),
-        "num_rows": len(corpus),
+        "num_rows": len(chunk_index),
+        "rows_sha256": rows_sha256(rows),
         "shard_size": shard_size,
         "top_k": top_k,
         "temperature": temperature,
@@ -260,7 +288,7 @@ def precompute(
         manifest = dict(base, source=name, model_dir=str(model_dir), source_tokenizer_sha256=tokenizer_sha256(source_tokenizer))
         _ensure_manifest(source_dir, manifest)
         reports[name] = _run_source(
-            source_dir, model_dir, target_tokenizer, corpus, ranges, mine, vocab_map_dir=Path(out_dir) / VOCAB_MAPS,
+            source_dir, model_dir, target_tokenizer, corpus, chunk_index, ranges, mine, vocab_map_dir=Path(out_dir) / VOCAB_MAPS,
             max_length=max_length, top_k=top_k, temperature=temperature, batch_size=batch_size,
             device=device, model_dtype=model_dtype, chunk_rows=chunk_rows, progress=progress,
             desc=f"precompute {name} [rank {rank}/{world_size}]",
@@ -269,7 +297,8 @@ def precompute(
 
 
 def _run_source(
-    source_dir: Path, model_dir, target_tokenizer, corpus: datasets.Dataset, ranges: list[tuple[int, int]], mine: range,
+    source_dir: Path, model_dir, target_tokenizer, corpus: datasets.Dataset, chunk_index: list[int],
+    ranges: list[tuple[int, int]], mine: range,
     *, vocab_map_dir: Path, max_length, top_k, temperature, batch_size, device, model_dtype, chunk_rows, progress, desc,
 ) -> SourceReport:
     report = SourceReport()
@@ -294,7 +323,8 @@ def _run_source(
             # Leftovers of an interrupted run on this shard (only this rank ever writes it).
             for stale in source_dir.glob(f".{name}.tmp-*"):
                 stale.unlink()
-            table, tokens = score_rows(scorer, corpus[start:stop]["text"], start, batch_size, max_length)
+            shard_rows = chunk_index[start:stop]
+            table, tokens = score_rows(scorer, corpus.select(shard_rows)["text"], shard_rows, batch_size, max_length)
             _write_atomic(source_dir / name, table)
             report.shards_written.append(name)
             report.sequences += stop - start

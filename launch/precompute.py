@@ -3,10 +3,12 @@ write sharded sparse answers to ``fusion.answers_dir``.
 
     python launch/precompute.py --config configs/colocated.yaml [--split train] [--limit N]
 
-The chunks are those the trainer reads (same tokenizers, ``data.max_length`` and chunk cache),
-so row i of every source's answers is chunk i. Several processes may share the work: rank r of
-W (``--rank/--world-size``, default from a launcher's RANK/WORLD_SIZE) computes shards r, r+W,
-... An interrupted run resumes by running the same command again; finished shards are kept.
+The chunks are those the trainer reads (same tokenizers, ``data.max_length`` and chunk cache,
+and for the training split the same ``data.max_train_chunks`` sample, drawn with
+``data.subset_seed``, default ``run.seed``); every answer keeps its row of the whole split.
+Several processes may share the work: rank r of W (``--rank/--world-size``, default from a
+launcher's RANK/WORLD_SIZE) computes shards r, r+W, ... An interrupted run resumes by running
+the same command again; finished shards are kept.
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="run YAML (target, sources, data, fusion.top_k/temperature/answers_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
     parser.add_argument("--split", default=None, help="corpus split (default: data.train_split)")
-    parser.add_argument("--limit", type=int, default=None, help="keep only the first N chunks (a slice for a quick run)")
+    parser.add_argument("--limit", type=int, default=None, help="keep only the first N of those chunks (a slice for a quick run)")
     parser.add_argument("--shard-size", type=int, default=1024, help="chunks per shard")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", "0")))
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from fusion.data import load_chunked_split
-    from fusion.precompute import precompute
+    from fusion.precompute import precompute, subset_rows
     from fusion.sources.pool import DTYPES
 
     dtypes = {DTYPES[source.dtype] for source in config.sources}
@@ -65,16 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as error:
         print(f"error: --split / data.domains: {error.args[0]}", file=sys.stderr)
         return 2
+    rows = None
+    if split_name == config.data.train_split:
+        seed = config.run.seed if config.data.subset_seed is None else config.data.subset_seed
+        rows = subset_rows(len(corpus), config.data.max_train_chunks, seed)
     if args.limit is not None:
-        corpus = corpus.select(range(min(args.limit, len(corpus))))
+        rows = (rows if rows is not None else list(range(len(corpus))))[:args.limit]
     started = time.perf_counter()
-    reports = precompute(
-        [(source.name, source.path) for source in config.sources], target_tokenizer, corpus,
-        Path(config.fusion.answers_dir),
-        max_length=config.data.max_length, shard_size=args.shard_size, top_k=config.fusion.top_k,
-        temperature=config.fusion.temperature, batch_size=args.batch_size, rank=args.rank, world_size=args.world_size,
-        device=args.device, model_dtype=dtypes.pop(), progress=not args.no_progress,
-    )
+    try:
+        reports = precompute(
+            [(source.name, source.path) for source in config.sources], target_tokenizer, corpus,
+            Path(config.fusion.answers_dir),
+            max_length=config.data.max_length, shard_size=args.shard_size, top_k=config.fusion.top_k,
+            temperature=config.fusion.temperature, batch_size=args.batch_size, rank=args.rank, world_size=args.world_size,
+            device=args.device, model_dtype=dtypes.pop(), progress=not args.no_progress, rows=rows,
+        )
+    except ValueError as error:  # bad --rank/--shard-size, or an answers folder made with other settings
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for name, report in reports.items():
         rate = report.target_tokens / report.seconds if report.seconds else 0.0
         print(

@@ -19,8 +19,21 @@ import yaml
 from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
 
 from fusion.data import build_chunked_split
-from fusion.precompute import MANIFEST, load_answers, load_source, precompute, read_manifest, shard_ranges
-from fusion.sources.answer import SparseSoftLabels, answer_features, from_arrow, to_arrow
+from fusion.precompute import (
+    MANIFEST,
+    load_answers,
+    load_source,
+    precompute,
+    read_manifest,
+    shard_ranges,
+    subset_rows,
+)
+from fusion.sources.answer import (
+    SparseSoftLabels,
+    answer_features,
+    from_arrow,
+    to_arrow,
+)
 from fusion.sources.scoring import SourceScorer
 from fusion.vocab_map import VocabMap
 
@@ -264,3 +277,38 @@ def test_load_answers_names_missing_shards(workspace, tmp_path):
     assert np.array_equal(
         datasets.Dataset.from_file(str(partial / first))["chunk_index"][:], np.arange(3)
     )
+
+
+def test_subset_rows_are_the_trainers_sample():
+    """The rows a trainer keeps with data.max_train_chunks (datasets' shuffle, then the first N)."""
+    chunks = datasets.Dataset.from_dict({"chunk_index": list(range(37))})
+    for seed in (0, 5):
+        assert subset_rows(37, 11, seed) == chunks.shuffle(seed=seed).select(range(11))["chunk_index"]
+    assert subset_rows(37, None, 0) is None and subset_rows(37, 37, 0) is None
+
+
+def test_max_train_chunks_subset_is_read_by_chunk_index(workspace):
+    """precompute honours data.max_train_chunks / data.subset_seed; OfflineSources finds rows by chunk_index."""
+    from fusion.config import ConfigError, SourceConfig
+    from fusion.sources.pool import OfflineSources
+
+    root, corpus = workspace["root"], workspace["corpus"]
+    out = root / "subset"
+    limit, seed = 5, 3
+    assert workspace["launcher"].main([*workspace["args"], "--set", f"fusion.answers_dir={out}", "--set",
+                                       f"data.max_train_chunks={limit}", "--set", f"data.subset_seed={seed}"]) == 0
+    kept = corpus.add_column("chunk_index", list(range(len(corpus)))).shuffle(seed=seed).select(range(limit))["chunk_index"]
+    name, path = workspace["sources"][0]
+    assert load_answers(out / name)["chunk_index"][:] == kept
+
+    specs = [SourceConfig(name=name, path=path)]
+    offline = OfflineSources(specs, out, workspace["target"], TOP_K, 1.0, corpus)
+    reference = load_answers(root / "reference" / name).with_format("arrow")
+    rows = [kept[3], kept[0]]
+    batch = {"chunk_index": rows, "attention_mask": torch.ones(2, MAX_LENGTH, dtype=torch.long)}
+    answer = offline.answer(batch, [], torch.ones(2, 1, dtype=torch.bool), MAX_LENGTH)[0]
+    expected = from_arrow(pa.concat_tables([reference[r : r + 1] for r in rows]), MAX_LENGTH, torch.float32)
+    assert torch.equal(answer.indices, expected.indices) and torch.equal(answer.valid, expected.valid)
+    missing = next(row for row in range(len(corpus)) if row not in kept)
+    with pytest.raises(ConfigError, match=f"lack chunk {missing}"):
+        offline.answer({**batch, "chunk_index": [missing, rows[0]]}, [], torch.ones(2, 1, dtype=torch.bool), MAX_LENGTH)

@@ -1,0 +1,193 @@
+"""Compare fusion modes on one budget: train every (mode, source pool, seed), evaluate, tabulate, plot.
+
+    python launch/compare.py --config configs/compare.yaml --out runs/compare --report-dir docs/results \
+        [--seeds 1 2] [--modes none min_ce ...] [--pools smollm2,code-gpt2 ...] [--set selector.tau=0.2]
+
+1. A balanced training corpus: ``--per-domain`` chunks of every domain drawn from the config's
+   training split (``--data-seed``), and the whole eval split, saved to ``<out>/corpus``; every
+   run and seed trains on exactly these chunks.
+2. Offline answers of every source over it (``launch/precompute.py``, once; resumes), so all
+   modes see identical source outputs; a mode reads only the answers of the sources it chose,
+   and its source compute is the target tokens of the sequences it sent to each source.
+3. One training run per (mode, pool, seed) in ``<out>/runs/<name>-<hash>`` (the hash covers the
+   settings, so a rerun with other settings never reuses a run); runs with a ``result.json`` are
+   skipped, so an interrupted comparison resumes by running the same command.
+4. Held-out bits per byte of every run's model on the eval split (``heldout.json`` next to it).
+5. ``compare.md``, ``compare.json`` and PNG plots in ``--report-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fusion.config import ConfigError, apply_overrides, parse_config
+
+MODES = ["none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/compare.yaml", help="base run YAML (target, every source, budget)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one base key (repeatable)")
+    parser.add_argument("--out", default="runs/compare", help="corpus, answers, runs and logs go here")
+    parser.add_argument("--report-dir", default=None, help="where compare.md/json and the PNGs go (default: <out>/report)")
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--pools", nargs="*", default=["smollm2,code-gpt2", "smollm2,code-gpt2,bible-mistral"],
+                        help="smaller source pools (comma-separated names); the full pool (every config source) is added")
+    parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=MODES,
+                        help="modes also run with the smaller pools")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--per-domain", type=int, default=100, help="training chunks per domain")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the training-chunk sample (fixed across run seeds)")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="a domain counts as degraded when δ > this (bpb)")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=100, help="chunks per precomputed answer shard")
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_corpus(config, out: Path, per_domain: int, data_seed: int) -> Path:
+    """The balanced training sample and the eval split as a ``save_to_disk`` corpus (kept if already built)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from fusion.comparison import balanced_sample
+    from fusion.data import load_chunked_split
+
+    corpus_dir = out / "corpus"
+    recipe = {"corpus": config.data.corpus, "per_domain": per_domain, "data_seed": data_seed, "max_length": config.data.max_length,
+              "sources": [source.path for source in config.sources]}
+    recipe_file = out / "corpus.json"
+    if corpus_dir.is_dir():
+        made = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
+        if made != recipe:
+            raise ValueError(f"{corpus_dir} was built from {made}, not {recipe}; use another --out or delete it")
+        return corpus_dir
+    tokenizers = [AutoTokenizer.from_pretrained(path) for path in [config.target, *recipe["sources"]]]
+    splits = {}
+    for split in (config.data.train_split, config.data.eval_split):
+        splits[split], _ = load_chunked_split(config.data.corpus, split, config.data.domains, tokenizers, config.data.max_length,
+                                              cache_dir=str(Path(config.run.cache_dir) / "chunks"))
+    splits[config.data.train_split] = balanced_sample(splits[config.data.train_split], per_domain, data_seed)
+    datasets.DatasetDict(splits).save_to_disk(str(corpus_dir))
+    recipe_file.write_text(json.dumps(recipe, indent=2) + "\n")
+    return corpus_dir
+
+
+def train(config_file: Path, log_file: Path) -> None:
+    """One single-rank training run; raises RuntimeError with the log's tail when it fails."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+               "launch/train.py", "--config", str(config_file)]
+    with log_file.open("w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              check=False).returncode
+    if code != 0:
+        tail = log_file.read_text()[-2000:]
+        raise RuntimeError(f"training with {config_file} failed (exit {code}); log {log_file}:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        raw = apply_overrides(yaml.safe_load(Path(args.config).read_text()) or {}, args.set)
+        config = parse_config(raw)
+        names = [source.name for source in config.sources]
+        pools = [pool.split(",") for pool in args.pools] + [names]
+        from fusion.comparison import run_matrix
+
+        specs = run_matrix(args.modes, pools, args.pool_modes, args.seeds)
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    import torch
+    from tqdm.auto import tqdm
+
+    from fusion import comparison
+    from fusion.evaluation import evaluate_models, held_out_chunks
+
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus_dir = build_corpus(config, out, args.per_domain, args.data_seed)
+    except (ValueError, KeyError) as error:
+        print(f"error: --per-domain / --out: {error}", file=sys.stderr)
+        return 2
+    shared = {"data": {"corpus": str(corpus_dir)}, "fusion": {"offline": True, "answers_dir": str(out / "answers")}}
+    # Every source of the full pool: precompute answers all of them, and eval chunks fit all their tokenizers.
+    base_raw = comparison.run_config(raw, comparison.RunSpec("predictive", tuple(names), args.seeds[0]), str(out / "base"), shared)
+    base_file = out / "base.yaml"
+    base_file.write_text(yaml.safe_dump(base_raw))
+    if any(spec.sources for spec in specs):
+        precompute = [sys.executable, "launch/precompute.py", "--config", str(base_file), "--shard-size", str(args.shard_size)]
+        if subprocess.run(precompute, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False).returncode != 0:
+            print(f"error: precomputing the answers failed: {' '.join(precompute)}", file=sys.stderr)
+            return 1
+
+    (out / "configs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    run_dirs = {}
+    for spec in tqdm(specs, desc="runs", unit="run"):
+        run_raw = comparison.run_config(raw, spec, "", shared)
+        name = f"{spec.name}-{comparison.run_key(run_raw)}"
+        run_dir = out / "runs" / name
+        run_raw["run"]["output_dir"] = str(run_dir)
+        run_dirs[spec] = run_dir
+        if (run_dir / "result.json").is_file():
+            continue
+        config_file = out / "configs" / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(run_raw))
+        train(config_file, out / "logs" / f"{name}.log")
+
+    eval_config = parse_config(base_raw)
+    chunks = None
+    outcomes = []
+    for spec, run_dir in run_dirs.items():
+        heldout = run_dir / "heldout.json"
+        if not heldout.is_file():
+            chunks = chunks if chunks is not None else held_out_chunks(eval_config, eval_config.data.eval_split)
+            scores = evaluate_models({spec.name: run_dir}, chunks["text"], chunks["domain"], args.eval_batch_size,
+                                     eval_config.data.max_length)[spec.name]
+            heldout.write_text(json.dumps({domain: score.to_dict() for domain, score in scores.items()}, indent=2) + "\n")
+        bits = {domain: row["bits_per_byte"] for domain, row in json.loads(heldout.read_text()).items()}
+        result = json.loads((run_dir / "result.json").read_text())
+        tokens = {name: row["tokens"] for name, row in result.get("sources", {}).items()}
+        outcomes.append(comparison.RunOutcome(spec, bits, tokens))
+
+    summaries = comparison.summarise(outcomes, args.tolerance)
+    report_dir = Path(args.report_dir) if args.report_dir else out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison.markdown_table(summaries)
+    plots = comparison.plot_comparison(summaries, report_dir)
+    try:
+        bar = comparison.check_bar(summaries)
+    except ValueError as error:
+        bar = [(str(error), False)]
+    bar_lines = "\n".join(f"- [{'x' if met else ' '}] {text}" for text, met in bar)
+    (report_dir / "compare.md").write_text(table + "\n" + bar_lines + "\n")
+    (report_dir / "compare.json").write_text(json.dumps({
+        "runs": [{"name": run_dirs[o.spec].name, "mode": o.spec.mode, "sources": list(o.spec.sources), "seed": o.spec.seed,
+                  "bits_per_byte": o.bits_per_byte, "source_tokens": o.source_tokens,
+                  "seconds": json.loads((run_dirs[o.spec] / "result.json").read_text())["seconds"]} for o in outcomes],
+        "bar": [{"claim": text, "met": met} for text, met in bar],
+    }, indent=2) + "\n")
+    print(table)
+    print(bar_lines)
+    print(f"wrote {report_dir / 'compare.md'}, {report_dir / 'compare.json'} and {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
