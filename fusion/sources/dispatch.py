@@ -29,8 +29,7 @@ from fusion.sources.wire import (HEADER_SIZE, TO_SOURCE_TAG, TO_TRAINER_TAG, Cha
                                  encode_texts)
 from fusion.topology import Topology
 
-
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 5.0  # how long a failing trainer waits for the sources to take its STOP
 
 
 class LocalDispatch:
