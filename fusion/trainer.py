@@ -471,10 +471,8 @@ class Trainer:
                              "down": not bool(available[index]), "vocab_coverage": counters.coverage}
             if name in served:
                 summary[name]["served"] = served[name]
-        if isinstance(self.sources, EngineSources):
-            summary = {name: {**entry, "down_reasons": {replica: reason for replica, reason in self.sources.down_reasons.items()
-                                                       if replica.startswith(f"{name}/")}}
-                       for name, entry in summary.items()}
+            if isinstance(self.sources, EngineSources):
+                summary[name]["down_reasons"] = self.sources.down_reasons[index]
         return summary
 
     # -----------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class EngineSources:
         self.replica_down = [[False] * len(links) for links in self.links]
         self.outstanding = [[0] * len(links) for links in self.links]
         self.counters = [SourceCounters() for _ in specs]
-        self.down_reasons: dict[str, str] = {}
+        self.down_reasons: list[dict[str, str]] = [{} for _ in specs]  # per source: replica -> why it went down
         self.next_request_id = 0
         self.closed = False
 
@@ -168,7 +168,7 @@ class EngineSources:
     # --------------------------------------------------------------------------------------------
     def wait_until_ready(self) -> None:
         """Receive every leader's READY (vocabulary coverage); a leader that never answers is down."""
-        jobs = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)[1]))
+        jobs = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)))
                 for source, replica, link in self._replicas()]
         deadline = time.monotonic() + self.startup_timeout_s
         for source, replica, job in jobs:
@@ -184,7 +184,7 @@ class EngineSources:
         if not self.replica_down[source][replica]:
             self.replica_down[source][replica] = True
             self.counters[source].failures += int(failure)
-            self.down_reasons[f"{self.names[source]}/replica{replica}"] = reason
+            self.down_reasons[source][f"replica{replica}"] = reason
             print(f"trainer rank {self.topology.dp_rank}: source {self.names[source]} replica {replica} is down: {reason}",
                   flush=True)
 
@@ -312,7 +312,7 @@ class EngineSources:
             self._wait(source, replica, job, max(0.0, deadline - time.monotonic()), "stopping")
         if self.topology.dp_rank != 0 or not collect_reports:
             return {}
-        reports = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)[1]))
+        reports = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)))
                    for source, replica, link in live if not self.replica_down[source][replica]]
         served = {name: [] for name in self.names}
         for source, replica, job in reports:

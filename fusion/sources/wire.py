@@ -122,10 +122,10 @@ class Channel:
         data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
         self.send_message(peer, Header(kind, size=data.numel()), [data])
 
-    def recv_json(self, peer: int) -> tuple[Header, dict]:
+    def recv_json(self, peer: int) -> dict:
         header = self.recv_header(peer)
         data = self.recv(peer, torch.empty(header.size, dtype=torch.uint8))
-        return header, json.loads(bytes(data.tolist()).decode())
+        return json.loads(bytes(data.tolist()).decode())
 
 
 def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
