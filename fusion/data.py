@@ -19,8 +19,8 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,9 +185,9 @@ def build_chunked_split(
     features = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string")})
     chunked = datasets.Dataset.from_dict({"text": chunks, "domain": chunk_domains}, features=features)
     if cached is not None:
-        partial = cached.with_name(f".{cached.name}.partial-{os.getpid()}")
         cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        # mkdtemp, not the pid: ranks may also be threads of one process.
+        partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.partial-"))
         chunked.save_to_disk(str(partial))
         (partial / _REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
         try:

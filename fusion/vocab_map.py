@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,9 +431,11 @@ class VocabMap:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write-then-rename so that ranks building the same map at once never read half a file.
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-            np.savez(partial, source_to_target=table, kind=kind)
-            partial.replace(path)
+            # mkstemp, not the pid: ranks may also be threads of one process.
+            handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.npz")
+            with os.fdopen(handle, "wb") as stream:
+                np.savez(stream, source_to_target=table, kind=kind)
+            os.replace(partial, path)
         return result
 
     def coverage(self) -> dict[str, int]:

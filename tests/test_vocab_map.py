@@ -6,6 +6,7 @@ against a brute-force search over every pair of tokens.
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -141,6 +142,43 @@ def test_cache_reload_gives_identical_arrays(real, tmp_path, monkeypatch):
     # Other settings, another entry.
     VocabMap.build(source, target, len(source) + 5, cache_dir=tmp_path, max_edits=0)
     assert len(list(tmp_path.glob("vocab_map-*.npz"))) == 2
+
+
+def test_threads_building_one_map_at_once_share_the_cache(real, tmp_path, monkeypatch):
+    """Ranks run as threads of one process (as in the precompute test) write the same cache file together."""
+    source, target = real["gpt2"], real["smollm2"]
+    reference = VocabMap.build(source, target, len(source))
+    threads = 4
+    everyone_mapped = threading.Barrier(threads)
+    build_nearest = vocab_map._map_nearest
+
+    def nearest_then_wait(*args):
+        build_nearest(*args)
+        everyone_mapped.wait(timeout=120)  # all threads reach the cache write together
+
+    monkeypatch.setattr(vocab_map, "_map_nearest", nearest_then_wait)
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(VocabMap.build(source, target, len(source), cache_dir=tmp_path))
+        except Exception as error:  # re-raised in the main thread below
+            errors.append(error)
+
+    workers = [threading.Thread(target=build) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    assert len(results) == threads
+    for result in results:
+        np.testing.assert_array_equal(result.source_to_target, reference.source_to_target)
+        np.testing.assert_array_equal(result.kind, reference.kind)
+    # One finished entry and no half-written leftovers.
+    assert [path.name for path in tmp_path.iterdir()] == [path.name for path in tmp_path.glob("vocab_map-*.npz")]
+    assert len(list(tmp_path.iterdir())) == 1
 
 
 # --- nearest matches against brute force ----------------------------------------------------------
