@@ -187,6 +187,9 @@ class Trainer:
             # Exploration draws differ per rank (different sequences) but are reproducible.
             self.generator = torch.Generator().manual_seed(config.run.seed + topology.dp_rank)
         self.selector_stats: dict[str, float] = {}
+        # Source choices made before a checkpoint for micro-batches not yet trained (prefetched);
+        # a resumed run reuses them so that it chooses exactly as the uninterrupted run did.
+        self.replayed_choices: deque[torch.Tensor] = deque()
         # Without sources the loss is the LM term alone, at full weight.
         self.lam = 1.0 if config.fusion.mode == "none" else config.fusion.lam
         self.domains = sorted(set(self.train_data["domain"]))
@@ -254,7 +257,9 @@ class Trainer:
             return Dispatched(batch, None, None)
         selector = self.config.selector
         available = self.sources.available
-        if self.config.fusion.mode == "predictive":
+        if self.replayed_choices:
+            ran = self.replayed_choices.popleft() & available
+        elif self.config.fusion.mode == "predictive":
             with torch.no_grad():
                 gate_probs = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)).softmax(-1)
             explore = exploration_rate_at(step, selector.exploration.start, selector.exploration.end,
@@ -359,9 +364,11 @@ class Trainer:
     def _checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def _save_checkpoint(self, step: int) -> None:
-        """ZeRO-3 shards of every rank plus the state only the loop knows (step, selector, routing, RNG)."""
-        state = {"step": step, "routing": [self.routing_ran, self.routing_weight, self.routing_sequences]}
+    def _save_checkpoint(self, step: int, in_flight: deque[Dispatched]) -> None:
+        """ZeRO-3 shards of every rank plus the state only the loop knows (step, selector, routing, RNG,
+        and the source choices of micro-batches already dispatched for later steps)."""
+        state = {"step": step, "routing": [self.routing_ran, self.routing_weight, self.routing_sequences],
+                 "in_flight_choices": [entry.ran for entry in in_flight if entry.ran is not None]}
         if self.selector is not None:
             state.update(selector=self.selector.state_dict(), selector_optimizer=self.selector_optimizer.state_dict(),
                          generator=self.generator.get_state())
@@ -378,6 +385,7 @@ class Trainer:
             self.selector.load_state_dict(state["selector"])
             self.selector_optimizer.load_state_dict(state["selector_optimizer"])
             self.generator.set_state(state["generator"])
+        self.replayed_choices = deque(state.get("in_flight_choices", []))
         if state["step"] >= self.config.trainer.max_steps:
             raise ConfigError(f"trainer.max_steps: the checkpoint in {self._checkpoint_dir()} is already at step {state['step']}; "
                               "raise max_steps, or set trainer.resume=false (or another run.output_dir) to start over")
@@ -439,7 +447,7 @@ class Trainer:
                 self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.engine.get_lr()[0]:.2e} {step_tokens / step_seconds:.0f} tok/s")
             if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
-                self._save_checkpoint(step)
+                self._save_checkpoint(step, in_flight)
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
                 self.metrics.scalars(step, self._eval_scalars(self.evaluate()))
 

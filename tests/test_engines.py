@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port
-from test_train_zero3 import launch, write_config
+from test_train_zero3 import kill_at_first_checkpoint_then_resume, launch, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -73,6 +73,27 @@ def test_only_chosen_sources_receive_requests(tmp_path, tiny_target, tiny_source
     # max_sources 1, no exploration: exactly one source computed each sequence.
     assert sum(served.values()) == sequences
     assert (output_dir / "selector.pt").is_file()
+
+
+def test_killed_predictive_run_resumes_to_the_same_choices_and_weights(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    """Killed after a checkpoint, a disaggregated predictive run resumes to the uninterrupted run's routing,
+    selector and weights: the choices already made for prefetched steps are replayed, not drawn again
+    by a selector that has since learnt more."""
+    settings = {"sources": source_specs(tiny_sources), "topology": {"placement": "disaggregated", "prefetch_steps": 2},
+                "fusion": {"mode": "predictive", "lam": 0.5}, "max_steps": 12, **STEPS,
+                "selector": {"max_sources": 1, "lr": 0.05, "exploration": {"start": 0.5, "end": 0.5}}}
+    _, uninterrupted = launch(tmp_path, "uninterrupted", 1, tiny_target, tiny_corpus, world_size=3, **settings)
+    config = write_config(tmp_path, "resumed", 1, tiny_target, tiny_corpus, checkpoint_every=4, **settings)
+    kill_at_first_checkpoint_then_resume(config, 3, tmp_path / "resumed")
+
+    first, second = (json.loads((run / "result.json").read_text()) for run in (uninterrupted, tmp_path / "resumed"))
+    assert second["routing"] == first["routing"]
+    runs = (uninterrupted, tmp_path / "resumed")
+    models = [load_file(run / "model" / "model.safetensors") for run in runs]
+    selectors = [torch.load(run / "selector.pt")["selector"] for run in runs]
+    for reference, resumed in (models, selectors):
+        for key in reference:
+            torch.testing.assert_close(resumed[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def start_ranks(config: Path, world_size: int, log_dir: Path) -> list[subprocess.Popen]:

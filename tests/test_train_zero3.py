@@ -141,6 +141,26 @@ def test_every_fusion_mode_trains(tmp_path, tiny_target, tiny_sources, tiny_corp
     assert (output_dir / "selector.pt").is_file() == (mode == "scores")
 
 
+def kill_at_first_checkpoint_then_resume(config: Path, world_size: int, output_dir: Path) -> None:
+    """Start the run, SIGKILL every process once a checkpoint exists, then run the same command to the end."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
+               str(free_port()), str(ROOT / "launch/train.py"), "--config", str(config)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoints" / "latest").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank
+        process.wait()
+    assert not (output_dir / "model").exists(), "the run finished before it was killed"
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+
+
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_target, tiny_corpus):
     steps = {"micro_batch_size": 2, "max_steps": 30, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1}
     _, uninterrupted = launch(tmp_path, "uninterrupted", 2, tiny_target, tiny_corpus, **steps)
@@ -150,22 +170,7 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, ti
     config["run"]["output_dir"] = str(output_dir)
     config["trainer"]["checkpoint_every"] = 4
     (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(ROOT / "launch/train.py"), "--config", str(tmp_path / "resumed.yaml")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (output_dir / "checkpoints" / "latest").is_file():
-            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
-        process.wait()
-    assert not (output_dir / "model").exists(), "the run finished before it was killed"
-
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "resumed from" in result.stdout + result.stderr
+    kill_at_first_checkpoint_then_resume(tmp_path / "resumed.yaml", 2, output_dir)
     first = load_file(uninterrupted / "model" / "model.safetensors")
     second = load_file(output_dir / "model" / "model.safetensors")
     for key in first:
