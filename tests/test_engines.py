@@ -86,9 +86,9 @@ def test_killed_predictive_run_resumes_to_the_same_choices_and_weights(tmp_path,
     config = write_config(tmp_path, "resumed", 1, tiny_target, tiny_corpus, checkpoint_every=4, **settings)
     kill_at_first_checkpoint_then_resume(config, 3, tmp_path / "resumed")
 
-    first, second = (json.loads((run / "result.json").read_text()) for run in (uninterrupted, tmp_path / "resumed"))
-    assert second["routing"] == first["routing"]
     runs = (uninterrupted, tmp_path / "resumed")
+    first, second = (json.loads((run / "result.json").read_text()) for run in runs)
+    assert second["routing"] == first["routing"]
     models = [load_file(run / "model" / "model.safetensors") for run in runs]
     selectors = [torch.load(run / "selector.pt")["selector"] for run in runs]
     for reference, resumed in (models, selectors):
