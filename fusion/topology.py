@@ -133,17 +133,10 @@ class LaunchEnv:
 
 
 def free_port() -> int:
-    """A single-node MASTER_PORT: a TCP port on this host that is free now, and so is the next
-    one, where ``init_topology`` opens the run's store."""
-    while True:
-        with socket.socket() as master, socket.socket() as store:
-            master.bind(("127.0.0.1", 0))
-            port = master.getsockname()[1]
-            try:
-                store.bind(("127.0.0.1", port + 1))
-            except (OSError, OverflowError):  # taken, or past the last port
-                continue
-            return port
+    """A TCP port on this host that nothing listens on now (for a single-node MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def single_node_command(script: str | os.PathLike, config: str | os.PathLike, world_size: int) -> list[str]:
