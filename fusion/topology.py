@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -130,20 +128,6 @@ class LaunchEnv:
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)))
         except ValueError as error:
             raise TopologyError(f"malformed launcher environment: {error}") from None
-
-
-def free_port() -> int:
-    """A TCP port on this host that nothing listens on now (for a single-node MASTER_PORT)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def single_node_command(script: str | os.PathLike, config: str | os.PathLike, world_size: int) -> list[str]:
-    """``deepspeed --num_gpus <world_size> <script> --config <config>`` on a free master port, with this
-    interpreter (for programs that start runs: the comparison, benchmarks, tests)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
-            str(free_port()), str(script), "--config", str(config)]
 
 
 @dataclass(frozen=True)
