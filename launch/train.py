@@ -16,7 +16,8 @@ import traceback
 import torch
 
 from fusion.config import ConfigError, load_config
-from fusion.topology import LaunchEnv, TopologyError, default_backend, init_topology, plan_ranks, rank_plan, shutdown
+from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_deepspeed_comm, init_topology, plan_ranks, rank_plan,
+                             shutdown)
 
 
 def main() -> int:
@@ -45,14 +46,12 @@ def main() -> int:
     torch.set_num_threads(config.trainer.num_threads or max(1, (os.cpu_count() or 1) // local_ranks))
 
     # Imported late: DeepSpeed and transformers take seconds to import, config errors should not wait.
-    import deepspeed
-
     from fusion.sources.engine import SourceEngine
     from fusion.trainer import Trainer
 
     backend = default_backend()
     topology = init_topology(plan, env, backend, timeout_s=config.topology.startup_timeout_s)
-    deepspeed.init_distributed(dist_backend=backend)
+    init_deepspeed_comm(topology, backend)
     if not topology.is_trainer:
         return serve_source(SourceEngine(config, topology))
     trainer = Trainer(config, topology)
@@ -109,4 +108,10 @@ def print_summary(result) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Everything is written and closed by now. Interpreter finalisation would still destroy
+    # DeepSpeed's and gloo's leftover C++ objects, and one of them now and then aborts the
+    # process ("terminate called without an active exception", exit -6) after a good run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
