@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fusion.topology import single_node_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SELECTIVE_BAR, OVERLAP_BAR = 1.6, 1.25
@@ -56,12 +57,6 @@ def build_model(path: Path, tokenizer_dir: Path, hidden: int, layers: int, seed:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(work: Path, name: str, target: Path, sources: list[Path], mode: str, steps: int, prefetch: int,
@@ -84,8 +79,7 @@ def run(work: Path, name: str, target: Path, sources: list[Path], mode: str, ste
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     world_size = 1 + len(sources)
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
-               str(free_port()), str(REPO_ROOT / "launch/train.py"), "--config", str(config_path)]
+    command = single_node_command(REPO_ROOT / "launch/train.py", config_path, world_size)
     started = time.time()
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})

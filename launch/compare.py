@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from fusion.config import ConfigError, apply_overrides, parse_config
+from fusion.topology import single_node_command
 
 MODES = ["none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive"]
 
@@ -50,12 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=100, help="chunks per precomputed answer shard")
     return parser.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_corpus(config, out: Path, per_domain: int, data_seed: int) -> Path:
@@ -88,8 +82,7 @@ def build_corpus(config, out: Path, per_domain: int, data_seed: int) -> Path:
 
 def train(config_file: Path, log_file: Path) -> None:
     """One single-rank training run; raises RuntimeError with the log's tail when it fails."""
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-               "launch/train.py", "--config", str(config_file)]
+    command = single_node_command("launch/train.py", config_file, world_size=1)
     with log_file.open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               check=False).returncode

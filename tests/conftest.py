@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 
 import datasets
@@ -101,12 +100,6 @@ def tiny_target(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tied_target(tmp_path_factory) -> Path:
     return save_tiny_target(tmp_path_factory.mktemp("target") / "tied", tie_word_embeddings=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

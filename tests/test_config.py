@@ -1,11 +1,12 @@
 """Config validation: every class of bad input gets an error that names the key."""
+import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fusion.config import ConfigError, load_config, parse_config
-from fusion.topology import LaunchEnv, TopologyError, plan_ranks
+from fusion.topology import LaunchEnv, TopologyError, free_port, plan_ranks
 
 
 def base(**sections):
@@ -172,3 +173,20 @@ def test_launch_env_reads_deepspeed_torchrun_and_slurm_variables():
     assert LaunchEnv.from_mapping({}) == LaunchEnv(0, 1, 0, "127.0.0.1", 29500)
     with pytest.raises(TopologyError, match="malformed launcher environment"):
         LaunchEnv.from_mapping({"RANK": "zero"})
+
+
+def test_free_port_leaves_the_store_port_free_too():
+    """MASTER_PORT and MASTER_PORT + 1 (the run's store) can both be bound, even with the next port of
+    a freshly taken one held open."""
+    held = []
+    try:
+        for _ in range(50):
+            port = free_port()
+            for candidate in (port, port + 1):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", candidate))  # raises if taken
+                held.append(sock)
+    finally:
+        for sock in held:
+            sock.close()
+

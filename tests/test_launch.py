@@ -5,7 +5,8 @@ import sys
 
 import yaml
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from fusion.topology import free_port
 
 
 def run_train(tmp_path, config: dict, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from fusion.topology import single_node_command
 
 pytestmark = pytest.mark.distributed
 
@@ -43,8 +44,7 @@ def launch(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, wo
            **settings) -> tuple[subprocess.CompletedProcess, Path]:
     """Run ``deepspeed --num_gpus <world_size or ranks> launch/train.py`` on a fresh config; assert it exits 0."""
     path = write_config(tmp_path, name, ranks, target, corpus, **settings)
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size or ranks),
-               "--master_port", str(free_port()), str(ROOT / "launch/train.py"), "--config", str(path)]
+    command = single_node_command(ROOT / "launch/train.py", path, world_size or ranks)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -151,8 +151,7 @@ def test_every_fusion_mode_trains(tmp_path, tiny_target, tiny_sources, tiny_corp
 
 def kill_at_first_checkpoint_then_resume(config: Path, world_size: int, output_dir: Path) -> None:
     """Start the run, SIGKILL every process once a checkpoint exists, then run the same command to the end."""
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
-               str(free_port()), str(ROOT / "launch/train.py"), "--config", str(config)]
+    command = single_node_command(ROOT / "launch/train.py", config, world_size)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
