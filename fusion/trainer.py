@@ -127,6 +127,7 @@ class TrainResult:
     first_loss: float  # mean of the first (up to) 5 steps
     final_loss: float  # mean of the last (up to) 5 steps
     eval: dict
+    eval_before: dict  # the same held-out metrics before this run's first step ({} when resumed)
     routing: dict
     sources: dict
     model_dir: str
@@ -405,6 +406,10 @@ class Trainer:
         tokens_seen = 0
         losses: list[float] = []
         step_times: list[float] = []
+        # What the run changed is only visible against where it started (a few batches' loss is noisy).
+        eval_before = self.evaluate() if done == 0 else {}
+        if eval_before:
+            self.metrics.scalars(0, self._eval_scalars(eval_before))
         progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
             step_started = time.time()
@@ -458,7 +463,7 @@ class Trainer:
         sources = self._source_summary() if self.sources is not None else {}
         window = min(5, len(losses))
         result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:window]) / window,
-                             sum(losses[-window:]) / window, final_eval, routing, sources, str(model_dir),
+                             sum(losses[-window:]) / window, final_eval, eval_before, routing, sources, str(model_dir),
                              str(self.metrics.log_dir), step_times)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))

@@ -90,9 +90,15 @@ def serve_source(engine) -> int:
 
 def print_summary(result) -> None:
     print(f"\nfinished {result.steps} steps ({result.tokens} tokens) in {result.seconds:.0f} s; "
-          f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}")
+          f"training loss {result.first_loss:.3f} -> {result.final_loss:.3f} (means of the first and last 5 steps)")
+    print("held-out, before -> after:" if result.eval_before else "held-out:")
     for domain, row in result.eval.items():
-        print(f"  eval {domain:<12} perplexity {row['perplexity']:8.2f}  bits/byte {row['bits_per_byte']:.3f}")
+        before = result.eval_before.get(domain)
+        if before is None:
+            print(f"  eval {domain:<12} perplexity {row['perplexity']:8.2f}  bits/byte {row['bits_per_byte']:.3f}")
+        else:
+            print(f"  eval {domain:<12} perplexity {before['perplexity']:8.2f} -> {row['perplexity']:8.2f}  "
+                  f"bits/byte {before['bits_per_byte']:.3f} -> {row['bits_per_byte']:.3f}")
     if result.sources:
         domains = list(result.routing)
         print(f"\n  {'source':<24}{'requests':>9}{'sequences':>10}{'latency':>9}{'waited':>8}{'fail':>5}  "

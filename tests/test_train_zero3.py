@@ -64,7 +64,10 @@ def test_two_rank_zero3_run_learns_and_saves_a_loadable_model(tmp_path, tiny_tar
     assert shared_memory_names() <= segments_before
     summary = json.loads((output_dir / "result.json").read_text())
     assert summary["final_loss"] < summary["first_loss"] - 1.0, summary
-    assert set(summary["eval"]) == {"animals", "numbers", "colours"}
+    assert set(summary["eval"]) == set(summary["eval_before"]) == {"animals", "numbers", "colours"}
+    for domain, before in summary["eval_before"].items():
+        assert summary["eval"][domain]["bits_per_byte"] < before["bits_per_byte"] - 0.1, (domain, summary)
+    assert "bits/byte" in result.stdout and " -> " in result.stdout
     assert "tensorboard --logdir" in result.stdout and str(output_dir / "model") in result.stdout
     assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))
 
