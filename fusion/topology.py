@@ -240,28 +240,26 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
 
 
 def init_deepspeed_comm(topology: Topology, backend: str) -> None:
-    """``deepspeed.init_distributed`` over the role's default world, then free the names of its
-    shared-memory segments.
+    """``deepspeed.init_distributed`` over the role's default world, then unlink this rank's
+    shared-memory segment.
 
-    On CPU, DeepSpeed's all-reduce op maps one 69 MB POSIX shared-memory segment per rank
-    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) when the world is all
-    local, and never unlinks it: every run leaked world-size x 69 MB of RAM-backed /dev/shm until
-    the machine ran out of memory. Once every rank of the role has mapped its peers' segments
-    (they all return from ``init_distributed``, then meet at a barrier) the names can go; the
-    mappings live on until the processes exit, and so does nothing else.
+    On CPU, when the world is all local, DeepSpeed's all-reduce op maps one 69 MB POSIX
+    shared-memory segment per rank and never unlinks it: every run left world-size x 69 MB of
+    RAM-backed /dev/shm behind, until the machine ran out of memory. Once every rank of the role
+    has mapped its peers' segments (all have returned from ``init_distributed`` and met at a
+    barrier) the names can go; the mappings stay valid until the processes exit.
     """
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
     dist.barrier()
-    for segment in shared_memory_segments(topology.role_rank):
-        segment.unlink(missing_ok=True)
+    shared_memory_segment(topology.role_rank).unlink(missing_ok=True)
 
 
-def shared_memory_segments(role_rank: int) -> list[Path]:
-    """The /dev/shm segments DeepSpeed's CPU all-reduce made for this rank (empty when it made none)."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{role_rank}"
-    return [path for path in (Path("/dev/shm") / name,) if path.exists()]
+def shared_memory_segment(role_rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's segment, when it makes one."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                               f"{os.environ['MASTER_PORT']}_{role_rank}")
 
 
 def default_backend() -> str:
