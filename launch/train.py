@@ -94,11 +94,11 @@ def print_summary(result) -> None:
     print("held-out, before -> after:" if result.eval_before else "held-out:")
     for domain, row in result.eval.items():
         before = result.eval_before.get(domain)
-        if before is None:
-            print(f"  eval {domain:<12} perplexity {row['perplexity']:8.2f}  bits/byte {row['bits_per_byte']:.3f}")
-        else:
-            print(f"  eval {domain:<12} perplexity {before['perplexity']:8.2f} -> {row['perplexity']:8.2f}  "
-                  f"bits/byte {before['bits_per_byte']:.3f} -> {row['bits_per_byte']:.3f}")
+
+        def shown(key: str, spec: str) -> str:
+            return (f"{before[key]:{spec}} -> " if before else "") + f"{row[key]:{spec}}"
+
+        print(f"  eval {domain:<12} perplexity {shown('perplexity', '8.2f')}  bits/byte {shown('bits_per_byte', '.3f')}")
     if result.sources:
         domains = list(result.routing)
         print(f"\n  {'source':<24}{'requests':>9}{'sequences':>10}{'latency':>9}{'waited':>8}{'fail':>5}  "

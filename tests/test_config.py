@@ -189,4 +189,3 @@ def test_free_port_leaves_the_store_port_free_too():
     finally:
         for sock in held:
             sock.close()
-
