@@ -38,9 +38,10 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from fusion.topology import single_node_command
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from experiments.local_runs import single_node_command  # noqa: E402
 SELECTIVE_BAR, OVERLAP_BAR = 1.6, 1.25
 
 
@@ -65,7 +66,7 @@ def run(work: Path, name: str, target: Path, sources: list[Path], mode: str, ste
     output_dir = work / "runs" / name
     config = {
         "target": str(target),
-        "run": {"name": name, "output_dir": str(output_dir), "seed": 0, "cache_dir": str(work / "cache")},
+        "run": {"output_dir": str(output_dir), "seed": 0, "cache_dir": str(work / "cache")},
         "topology": {"placement": "disaggregated" if sources else "colocated", "trainer_ranks": 1,
                      "prefetch_steps": prefetch},
         "data": {"corpus": str(REPO_ROOT / "assets/corpus"), "max_length": 128, "max_train_chunks": 512,

@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-FUSION_MODES = ("none", "predictive", "scores", "all_uniform", "avg_ce", "min_ce")
+# The fusion modes, one ``fusion.policies`` class each (``fusion.policies.POLICIES``).
+FUSION_MODES = ("none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive")
+FusionMode = Literal[FUSION_MODES]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -29,7 +31,6 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 1234
     cache_dir: str = ".cache/fusion"  # chunked corpora and vocabulary maps, reused across runs
@@ -91,11 +92,11 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    mode: Literal["none", "predictive", "scores", "all_uniform", "avg_ce", "min_ce"] = "none"
+    mode: FusionMode = "none"
     lam: float = 0.9
     top_k: int = 10
     temperature: float = 1.0
-    sharpen_temperature: float | None = None
+    sharpen_temperature: float | None = None  # T_s: sharpen the gate weights by realised scores; null: no sharpening
     answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
     offline: bool = False  # read sources' answers from answers_dir instead of running the models
 
@@ -104,19 +105,21 @@ class FusionConfig:
 class ExplorationConfig:
     start: float = 0.1
     end: float = 0.02
-    decay_steps: int = 1000
+    decay_steps: int = 1000  # optimizer steps from start to end; the rate stays at end afterwards
+    schedule: Literal["linear", "exponential", "constant"] = "linear"
 
 
 @dataclass(frozen=True)
 class SelectorConfig:
-    tau: float = 0.15
+    tau: float = 0.15  # gate-probability threshold of the selection rule
     min_sources: int = 1
     max_sources: int | None = None
     beta: float = 0.5
     lr: float = 1e-3
     embedding_dim: int = 64
     hidden_dim: int = 128
-    score_temperature: float = 1.0
+    gate_temperature: float = 1.0  # T_gate of the scores gate, softmax(-nll_per_byte / T_gate)
+    target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 
 
@@ -277,7 +280,8 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(trainer.grad_clip >= 0, f"trainer.grad_clip: must be >= 0 (0 disables clipping), got {trainer.grad_clip}")
     for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "loss_chunk_size", "log_every", "eval_batches"):
         _check(getattr(trainer, key) >= 1, f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}")
-    _check(trainer.warmup_steps >= 0, f"trainer.warmup_steps: must be >= 0, got {trainer.warmup_steps}")
+    _check(trainer.warmup_steps >= 1, f"trainer.warmup_steps: must be >= 1 (DeepSpeed's WarmupCosineLR needs at least one "
+                                      f"warmup step), got {trainer.warmup_steps}")
     _check(trainer.checkpoint_every >= 0, f"trainer.checkpoint_every: must be >= 0 (0 disables checkpoints), got {trainer.checkpoint_every}")
     _check(trainer.eval_every >= 0, f"trainer.eval_every: must be >= 0 (0 evaluates only at the end), got {trainer.eval_every}")
     _check(trainer.num_threads is None or trainer.num_threads >= 1, f"trainer.num_threads: must be >= 1 or null, got {trainer.num_threads}")
@@ -302,12 +306,15 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(selector.lr > 0, f"selector.lr: must be > 0, got {selector.lr}")
     _check(selector.embedding_dim >= 1, f"selector.embedding_dim: must be >= 1, got {selector.embedding_dim}")
     _check(selector.hidden_dim >= 1, f"selector.hidden_dim: must be >= 1, got {selector.hidden_dim}")
-    _check(selector.score_temperature > 0, f"selector.score_temperature: must be > 0, got {selector.score_temperature}")
+    for key in ("gate_temperature", "target_temperature"):
+        _check(getattr(selector, key) > 0, f"selector.{key}: must be > 0, got {getattr(selector, key)}")
     exploration = selector.exploration
     for key in ("start", "end"):
         value = getattr(exploration, key)
         _check(0 <= value <= 1, f"selector.exploration.{key}: must be in [0, 1], got {value}")
-    _check(exploration.decay_steps >= 0, f"selector.exploration.decay_steps: must be >= 0, got {exploration.decay_steps}")
+    _check(exploration.decay_steps >= 1, f"selector.exploration.decay_steps: must be >= 1, got {exploration.decay_steps}")
+    _check(exploration.schedule != "exponential" or (exploration.start > 0 and exploration.end > 0),
+           "selector.exploration.schedule: 'exponential' needs start > 0 and end > 0; use 'linear' to decay to 0")
 
     names = [source.name for source in config.sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -8,7 +8,7 @@ not scored (both counts below agree on which tokens are scored).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion.data import load_chunked_split
-from fusion.precompute import subset_rows
+
+
+def bits_per_byte(nats: float, num_bytes: int) -> float:
+    """Total nats over UTF-8 bytes, in bits: the quality measure that compares across tokenizers."""
+    return nats / num_bytes / math.log(2) if num_bytes else float("nan")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class DomainScore:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.nll / self.bytes / math.log(2) if self.bytes else float("nan")
+        return bits_per_byte(self.nll, self.bytes)
 
     def to_dict(self) -> dict:
         return {"domain": self.domain, "sequences": self.sequences, "tokens": self.tokens, "bytes": self.bytes,
@@ -146,23 +149,33 @@ def scores_to_json(results: Mapping[str, Mapping[str, DomainScore]]) -> dict[str
     return {name: {domain: score.to_dict() for domain, score in scores.items()} for name, scores in results.items()}
 
 
-def held_out_chunks(config, split_name: str, extra_tokenizer_dirs: Sequence[str | Path] = ()):
-    """The chunks of ``split_name`` a run of ``config`` evaluates on, as a ``datasets.Dataset``.
+@torch.no_grad()
+def sharded_held_out(score_batch: Callable[[dict], tuple[float, int]], rows_by_domain: Mapping[str, Sequence[dict]], collator,
+                     micro_batch_size: int, max_batches: int, dp_rank: int, dp_size: int,
+                     global_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, DomainScore]:
+    """Per-domain held-out scores of a model sharded over ``dp_size`` ranks (the trainer's periodic eval).
 
-    Chunked for the target's, every source's and the extra models' tokenizers (so each chunk fits
-    ``data.max_length`` tokens of every one of them); for the eval split, ``data.max_eval_chunks``
-    keeps the sample the trainer keeps (seed ``data.subset_seed``, default ``run.seed``).
+    Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); each takes
+    its share of every domain's first ``max_batches x dp_size`` micro-batches.
 
-    Raises:
-        KeyError: the corpus has no such split, or lacks one of ``data.domains``.
+    Args:
+        score_batch: ``(summed nats, scored tokens)`` of one collated micro-batch.
+        rows_by_domain: per domain, its eval rows (with ``text``).
+        collator: rows -> micro-batch (with ``texts``).
+        global_sum: all-reduces a tensor over the ranks.
     """
-    data = config.data
-    folders = [config.target, *(source.path for source in config.sources), *map(resolve_model_dir, extra_tokenizer_dirs)]
-    tokenizers = [AutoTokenizer.from_pretrained(folder) for folder in folders]
-    chunks, _ = load_chunked_split(data.corpus, split_name, data.domains, tokenizers, data.max_length,
-                                   cache_dir=str(Path(config.run.cache_dir) / "chunks"))
-    if split_name == data.eval_split:
-        rows = subset_rows(len(chunks), data.max_eval_chunks, config.run.seed if data.subset_seed is None else data.subset_seed)
-        if rows is not None:
-            chunks = chunks.select(rows)
-    return chunks
+    results = {}
+    per_step = micro_batch_size * dp_size
+    for domain, rows in rows_by_domain.items():
+        steps = min(max_batches, len(rows) // per_step)
+        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+        for index in range(steps):
+            start = index * per_step + dp_rank * micro_batch_size
+            batch = collator([rows[i] for i in range(start, start + micro_batch_size)])
+            nats, tokens = score_batch(batch)
+            totals += torch.tensor([nats, tokens, sum(len(text.encode("utf-8")) for text in batch["texts"])],
+                                   dtype=torch.float64)
+        nats, tokens, num_bytes = global_sum(totals).tolist()
+        if tokens:
+            results[domain] = DomainScore(domain, steps * per_step, int(tokens), int(num_bytes), nats)
+    return results

@@ -10,11 +10,11 @@ answers are present in the batch), ``i`` one of source s's ``k_s`` kept candidat
 
 2. Optional sharpening by each source's realised score on this batch, its negative
    log-likelihood of the gold text per UTF-8 byte ``n[b, s]`` ("inherent strength"),
-   with sharpening temperature ``tau_s`` (``sharpen_weights``)::
+   with sharpening temperature ``T_s`` (``sharpen_weights``)::
 
-       w'[b, s] = w[b, s] * exp(-n[b, s] / tau_s) / sum_s' w[b, s'] * exp(-n[b, s'] / tau_s)
+       w'[b, s] = w[b, s] * exp(-n[b, s] / T_s) / sum_s' w[b, s'] * exp(-n[b, s'] / T_s)
 
-   Small ``tau_s`` moves the weight to the best source of the sequence; ``tau_s -> inf``
+   Small ``T_s`` moves the weight to the best source of the sequence; ``T_s -> inf``
    leaves ``w`` unchanged.
 
 3. Per-source candidate distribution at temperature ``T`` (``fuse_soft_labels``), renormalised
@@ -74,6 +74,12 @@ class FusedSoftTarget:
     valid: Tensor
 
 
+def empty_soft_target(batch_size: int, length: int) -> FusedSoftTarget:
+    """No soft label anywhere (K = 0): the loss is the LM term alone."""
+    return FusedSoftTarget(torch.zeros((batch_size, length, 0), dtype=torch.long), torch.zeros((batch_size, length, 0)),
+                           torch.zeros((batch_size, length), dtype=torch.bool))
+
+
 def chosen_weights(gate_probs: Tensor, chosen: Tensor) -> Tensor:
     """Renormalise the gate probabilities of the chosen sources per sequence.
 
@@ -98,34 +104,34 @@ def chosen_weights(gate_probs: Tensor, chosen: Tensor) -> Tensor:
     return _normalise_rows(masked)
 
 
-def sharpen_weights(weights: Tensor, nll_per_byte: Tensor, tau: float) -> Tensor:
-    """Sharpen sequence weights by realised scores: ``w' ∝ w * exp(-nll_per_byte / tau)``.
+def sharpen_weights(weights: Tensor, nll_per_byte: Tensor, temperature: float) -> Tensor:
+    """Sharpen sequence weights by realised scores: ``w' ∝ w * exp(-nll_per_byte / temperature)``.
 
     Args:
         weights: ``[B, S]`` non-negative sequence weights (0 for sources not chosen).
         nll_per_byte: ``[B, S]`` each source's NLL per UTF-8 byte of the gold text; entries of
             sources with zero weight are ignored (they may be NaN/inf: those sources did not run).
-        tau: sharpening temperature > 0.
+        temperature: sharpening temperature ``T_s`` > 0 (``fusion.sharpen_temperature``).
 
     Returns:
         ``[B, S]`` float32 weights summing to 1 per sequence (all-zero rows stay zero).
 
     Raises:
-        ValueError: shapes differ, ``tau <= 0``, or a source with non-zero weight has a
+        ValueError: shapes differ, ``temperature <= 0``, or a source with non-zero weight has a
             non-finite score.
     """
     if weights.shape != nll_per_byte.shape or weights.dim() != 2:
         raise ValueError(
             f"weights {tuple(weights.shape)} and nll_per_byte {tuple(nll_per_byte.shape)} must both be [B, S]"
         )
-    if not tau > 0:
-        raise ValueError(f"sharpening temperature tau={tau} must be > 0 (use a large value for no sharpening)")
+    if not temperature > 0:
+        raise ValueError(f"sharpening temperature={temperature} must be > 0 (use a large value for no sharpening)")
     active = weights > 0
     nll = nll_per_byte.float()
     if bool((active & ~torch.isfinite(nll)).any()):
         raise ValueError("nll_per_byte is NaN/inf for a source with non-zero weight; every chosen source needs a score")
-    # Work in log space: exp(-nll / tau) under- or overflows for small tau.
-    log_w = torch.where(active, weights.float().log() - nll / tau, -torch.inf)
+    # Work in log space: exp(-nll / temperature) under- or overflows when it is small.
+    log_w = torch.where(active, weights.float().log() - nll / temperature, -torch.inf)
     # An all-zero row has shift -inf; clamping keeps it finite so the row stays zero, not NaN.
     shift = log_w.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
     return _normalise_rows(torch.where(active, (log_w - shift).exp(), 0.0))

@@ -242,16 +242,8 @@ def _coefficient(share: float, normalizer: Tensor | float, device: torch.device)
     return torch.where(n > 0, share / n.clamp_min(1e-30), 0.0)
 
 
-def _check_inputs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    soft_indices: Tensor,
-    soft_probs: Tensor,
-    soft_valid: Tensor,
-    lam: float,
-    chunk_size: int,
-) -> None:
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, soft_indices: Tensor, soft_probs: Tensor,
+                  soft_valid: Tensor, lam: float, chunk_size: int) -> None:
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, L, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:

@@ -13,6 +13,12 @@ from torch.utils.tensorboard import SummaryWriter
 logger = logging.getLogger("fusion")
 
 
+def eval_scalars(evaluation: dict[str, dict]) -> dict[str, float]:
+    """``eval/<domain>/{loss,perplexity,bits_per_byte}`` of a per-domain held-out result."""
+    return {f"eval/{domain}/{key}": value for domain, row in evaluation.items()
+            for key, value in row.items() if key in ("loss", "perplexity", "bits_per_byte")}
+
+
 class MetricsLogger:
     def __init__(self, log_dir: Path, enabled: bool):
         self.log_dir = Path(log_dir)

@@ -6,12 +6,12 @@ Notation: ``b`` sequence of the micro-batch (B of them), ``s`` source (S of them
 byte (comparable across tokenizers), ``C_b`` the set of sources that ran for sequence b.
 
 Gate (``SelectionNetwork``)
-    ``predictive``: features that exist before any source runs. The target ids are hashed
+    ``ids`` (the ``predictive`` policy): features that exist before any source runs. The target ids are hashed
     into the selector's own embedding table (``id mod vocab_size``), mean-pooled over the
     attention mask, layer-normalised and mapped by a two-layer MLP to ``u[b, :]``.
-    ``scores`` (the paper's gate over realised scores; needs every source's score)::
+    ``scores`` (the ``scores`` policy, the paper's gate over realised scores; needs every source's score)::
 
-        u[b, :] = A (-n[b, :] / T_gate) + c        (A = I, c = 0 at init; fixed if not learnable)
+        u[b, :] = A (-n[b, :] / T_gate) + c        (A = I, c = 0 at init, both learnt)
 
     so at initialisation ``g[b, :] = softmax(-n[b, :] / T_gate)``.
 
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GATE_MODES = ("predictive", "scores")
+GATE_FEATURES = ("ids", "scores")
 BASELINE_MODES = ("all_uniform", "avg_ce", "min_ce", "none")
 EXPLORATION_SCHEDULES = ("constant", "linear", "exponential")
 
@@ -74,32 +74,29 @@ class SelectionNetwork(nn.Module):
 
     Args:
         num_sources: S >= 1.
-        mode: ``"predictive"`` (from target ids) or ``"scores"`` (from realised scores).
+        features: ``"ids"`` (from target ids, before any source runs) or ``"scores"`` (from realised scores).
         vocab_size: rows of the selector's own embedding table (ids are hashed modulo it, so
             it may be much smaller than the target vocabulary).
-        embed_dim: embedding width (predictive).
-        hidden_dim: MLP hidden width (predictive).
+        embed_dim: embedding width (``ids``).
+        hidden_dim: MLP hidden width (``ids``).
         gate_temperature: ``T_gate`` of the scores gate.
-        learnable_scores: scores mode: learn ``A``/``c`` (identity/zero at init) or keep the
-            fixed ``softmax(-n / T_gate)`` gate.
 
     Raises:
-        ValueError: unknown mode or non-positive sizes / temperature.
+        ValueError: unknown features or non-positive sizes / temperature.
     """
 
     def __init__(
         self,
         num_sources: int,
-        mode: str = "predictive",
+        features: str = "ids",
         vocab_size: int = 8192,
         embed_dim: int = 64,
         hidden_dim: int = 128,
         gate_temperature: float = 1.0,
-        learnable_scores: bool = True,
     ):
         super().__init__()
-        if mode not in GATE_MODES:
-            raise ValueError(f"selector mode={mode!r} is not a gate mode; use one of {GATE_MODES}")
+        if features not in GATE_FEATURES:
+            raise ValueError(f"selector features={features!r} are unknown; use one of {GATE_FEATURES}")
         for name, value in (("num_sources", num_sources), ("vocab_size", vocab_size),
                             ("embed_dim", embed_dim), ("hidden_dim", hidden_dim)):
             if value < 1:
@@ -107,10 +104,10 @@ class SelectionNetwork(nn.Module):
         if not gate_temperature > 0:
             raise ValueError(f"selector gate_temperature={gate_temperature} must be > 0")
         self.num_sources = num_sources
-        self.mode = mode
+        self.features = features
         self.vocab_size = vocab_size
         self.gate_temperature = gate_temperature
-        if mode == "predictive":
+        if features == "ids":
             self.embedding = nn.Embedding(vocab_size, embed_dim)
             self.mlp = nn.Sequential(
                 nn.LayerNorm(embed_dim),
@@ -123,7 +120,6 @@ class SelectionNetwork(nn.Module):
             with torch.no_grad():
                 self.score_map.weight.copy_(torch.eye(num_sources))
                 self.score_map.bias.zero_()
-            self.score_map.requires_grad_(learnable_scores)
 
     def forward(
         self,
@@ -134,15 +130,15 @@ class SelectionNetwork(nn.Module):
         """Gate logits ``u[B, S]`` (``softmax(u, -1)`` gives the gate probabilities).
 
         Args:
-            input_ids: ``[B, L]`` target ids (predictive mode).
-            attention_mask: ``[B, L]`` 1 for real tokens (predictive mode; default all ones).
-            nll_per_byte: ``[B, S]`` realised score of every source (scores mode).
+            input_ids: ``[B, L]`` target ids (``ids`` features).
+            attention_mask: ``[B, L]`` 1 for real tokens (``ids`` features; default all ones).
+            nll_per_byte: ``[B, S]`` realised score of every source (``scores`` features).
 
         Raises:
-            ValueError: the input the mode needs is missing, has the wrong shape, or (scores
-                mode) contains NaN/inf.
+            ValueError: the input the features need is missing, has the wrong shape, or (``scores``)
+                contains NaN/inf.
         """
-        if self.mode == "predictive":
+        if self.features == "ids":
             if input_ids is None or input_ids.dim() != 2:
                 raise ValueError("predictive selector needs input_ids of shape [B, L]")
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -156,7 +152,7 @@ class SelectionNetwork(nn.Module):
             raise ValueError(f"scores selector needs nll_per_byte of shape [B, {self.num_sources}]")
         if not bool(torch.isfinite(nll_per_byte).all()):
             raise ValueError(
-                "scores selector got NaN/inf in nll_per_byte: this mode needs the score of every source "
+                "scores selector got NaN/inf in nll_per_byte: the scores gate needs the score of every source "
                 "(run all sources or read offline labels)"
             )
         return self.score_map(-nll_per_byte.float() / self.gate_temperature)
@@ -266,7 +262,7 @@ def selector_loss(
     chosen: Tensor,
     realised_nll_per_byte: Tensor,
     beta: float,
-    score_temperature: float,
+    target_temperature: float,
 ) -> tuple[Tensor, SelectorStats]:
     """Restricted cross-entropy to the realised ranking + ``beta`` * CV^2 (module docstring).
 
@@ -275,13 +271,13 @@ def selector_loss(
         chosen: ``[B, S]`` bool, the sources that ran.
         realised_nll_per_byte: ``[B, S]`` scores; read only where ``chosen`` (may be NaN elsewhere).
         beta: weight of the feedback term, >= 0.
-        score_temperature: ``T`` > 0 of the target ``softmax(-n / T)``.
+        target_temperature: ``T`` > 0 of the target ``softmax(-n / T)``.
 
     Returns:
         ``(loss, stats)`` with a 0-dim float32 loss.
 
     Raises:
-        ValueError: shape mismatch, ``beta < 0``, ``score_temperature <= 0``, or a non-finite
+        ValueError: shape mismatch, ``beta < 0``, ``target_temperature <= 0``, or a non-finite
             score for a source that ran.
     """
     if gate_logits.dim() != 2 or chosen.shape != gate_logits.shape or realised_nll_per_byte.shape != gate_logits.shape:
@@ -291,8 +287,8 @@ def selector_loss(
         )
     if beta < 0:
         raise ValueError(f"selector beta={beta} must be >= 0")
-    if not score_temperature > 0:
-        raise ValueError(f"selector score_temperature={score_temperature} must be > 0")
+    if not target_temperature > 0:
+        raise ValueError(f"selector target_temperature={target_temperature} must be > 0")
     chosen = chosen.bool()
     nll = realised_nll_per_byte.detach().float()
     if bool((chosen & ~torch.isfinite(nll)).any()):
@@ -301,7 +297,7 @@ def selector_loss(
     logits = gate_logits.float()
     measured = chosen.sum(dim=1) >= 2
     restricted_log_p = torch.log_softmax(logits.masked_fill(~chosen, -math.inf), dim=1)
-    target = torch.softmax((-nll / score_temperature).masked_fill(~chosen, -math.inf), dim=1)
+    target = torch.softmax((-nll / target_temperature).masked_fill(~chosen, -math.inf), dim=1)
     # Rows with one or no source give NaN/-inf above; they are excluded before summing.
     per_sequence = -(torch.where(chosen, target * restricted_log_p, 0.0)).sum(dim=1)
     count = measured.sum()

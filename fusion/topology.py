@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -133,27 +131,6 @@ class LaunchEnv:
             raise TopologyError(f"malformed launcher environment: {error}") from None
 
 
-def free_port() -> int:
-    """A single-node MASTER_PORT: a TCP port on this host that is free now, and so is the next
-    one, where ``init_topology`` opens the run's store."""
-    while True:
-        with socket.socket() as master, socket.socket() as store:
-            master.bind(("127.0.0.1", 0))
-            port = master.getsockname()[1]
-            try:
-                store.bind(("127.0.0.1", port + 1))
-            except (OSError, OverflowError):  # taken, or past the last port
-                continue
-            return port
-
-
-def single_node_command(script: str | os.PathLike, config: str | os.PathLike, world_size: int) -> list[str]:
-    """``deepspeed --num_gpus <world_size> <script> --config <config>`` on a free master port, with this
-    interpreter (for programs that start runs: the comparison, benchmarks, tests)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
-            str(free_port()), str(script), "--config", str(config)]
-
-
 @dataclass(frozen=True)
 class Topology:
     """This process's place in the run and its groups, built once by ``init_topology``.
@@ -200,6 +177,20 @@ class Topology:
     @property
     def is_logging_rank(self) -> bool:
         return self.global_rank == 0
+
+    def trainer_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (as float64, on the CPU) summed over the trainer ranks; ``value`` is left as it is."""
+        value = value.detach().to(self.device, torch.float64).clone()
+        if self.dp_size > 1:
+            dist.all_reduce(value, group=self.trainer_group)
+        return value.cpu()
+
+    def trainer_mean_(self, tensors) -> None:
+        """Average each of ``tensors`` over the trainer ranks, in place."""
+        for tensor in tensors:
+            if self.dp_size > 1:
+                dist.all_reduce(tensor, group=self.trainer_group)
+                tensor /= self.dp_size
 
 
 def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float = 600.0) -> Topology:

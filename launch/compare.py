@@ -26,10 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from fusion.config import ConfigError, apply_overrides, parse_config
-from fusion.topology import single_node_command
+# Runs as a script from the repository root: the experiment harness lives beside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ["none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive"]
+from experiments.local_runs import single_node_command  # noqa: E402
+from fusion.config import FUSION_MODES, ConfigError, apply_overrides, parse_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one base key (repeatable)")
     parser.add_argument("--out", default="runs/compare", help="corpus, answers, runs and logs go here")
     parser.add_argument("--report-dir", default=None, help="where compare.md/json and the PNGs go (default: <out>/report)")
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(FUSION_MODES), choices=FUSION_MODES)
     parser.add_argument("--pools", nargs="*", default=["smollm2,code-gpt2", "smollm2,code-gpt2,bible-mistral"],
                         help="smaller source pools (comma-separated names); the full pool (every config source) is added")
-    parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=MODES,
+    parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=FUSION_MODES,
                         help="modes also run with the smaller pools")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--per-domain", type=int, default=100, help="training chunks per domain")
@@ -55,10 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_corpus(config, out: Path, per_domain: int, data_seed: int) -> Path:
     """The balanced training sample and the eval split as a ``save_to_disk`` corpus (kept if already built)."""
     import datasets
-    from transformers import AutoTokenizer
 
-    from fusion.comparison import balanced_sample
-    from fusion.data import load_chunked_split
+    from experiments.comparison import balanced_sample
+    from fusion.splits import chunked_split, run_tokenizers
 
     corpus_dir = out / "corpus"
     recipe = {"corpus": config.data.corpus, "per_domain": per_domain, "data_seed": data_seed, "max_length": config.data.max_length,
@@ -69,11 +69,8 @@ def build_corpus(config, out: Path, per_domain: int, data_seed: int) -> Path:
         if made != recipe:
             raise ValueError(f"{corpus_dir} was built from {made}, not {recipe}; use another --out or delete it")
         return corpus_dir
-    tokenizers = [AutoTokenizer.from_pretrained(path) for path in [config.target, *recipe["sources"]]]
-    splits = {}
-    for split in (config.data.train_split, config.data.eval_split):
-        splits[split], _ = load_chunked_split(config.data.corpus, split, config.data.domains, tokenizers, config.data.max_length,
-                                              cache_dir=str(Path(config.run.cache_dir) / "chunks"))
+    tokenizers = run_tokenizers(config)
+    splits = {split: chunked_split(config, split, tokenizers)[0] for split in (config.data.train_split, config.data.eval_split)}
     splits[config.data.train_split] = balanced_sample(splits[config.data.train_split], per_domain, data_seed)
     datasets.DatasetDict(splits).save_to_disk(str(corpus_dir))
     recipe_file.write_text(json.dumps(recipe, indent=2) + "\n")
@@ -99,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(raw)
         names = [source.name for source in config.sources]
         pools = [pool.split(",") for pool in args.pools] + [names]
-        from fusion.comparison import run_matrix
+        from experiments.comparison import run_matrix
 
         specs = run_matrix(args.modes, pools, args.pool_modes, args.seeds)
     except (ConfigError, ValueError, OSError) as error:
@@ -108,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from fusion import comparison
-    from fusion.evaluation import evaluate_models, held_out_chunks
+    from experiments import comparison
+    from fusion.evaluation import evaluate_models
+    from fusion.splits import held_out_chunks, run_tokenizers
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     try:
         corpus_dir = build_corpus(config, out, args.per_domain, args.data_seed)
-    except (ValueError, KeyError) as error:
+    except (ValueError, ConfigError) as error:
         print(f"error: --per-domain / --out: {error}", file=sys.stderr)
         return 2
     shared = {"data": {"corpus": str(corpus_dir)}, "fusion": {"offline": True, "answers_dir": str(out / "answers")}}
@@ -150,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec, run_dir in run_dirs.items():
         heldout = run_dir / "heldout.json"
         if not heldout.is_file():
-            chunks = chunks if chunks is not None else held_out_chunks(eval_config, eval_config.data.eval_split)
+            chunks = chunks if chunks is not None else held_out_chunks(eval_config, eval_config.data.eval_split,
+                                                                           run_tokenizers(eval_config))
             scores = evaluate_models({spec.name: run_dir}, chunks["text"], chunks["domain"], args.eval_batch_size,
                                      eval_config.data.max_length)[spec.name]
             heldout.write_text(json.dumps({domain: score.to_dict() for domain, score in scores.items()}, indent=2) + "\n")

@@ -85,12 +85,8 @@ def export_checkpoint(path: str | Path, base_model: str, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from fusion.evaluation import (
-        evaluate_models,
-        held_out_chunks,
-        resolve_model_dir,
-        scores_to_json,
-    )
+    from fusion.evaluation import evaluate_models, resolve_model_dir, scores_to_json
+    from fusion.splits import held_out_chunks, run_tokenizers
 
     try:
         config = load_config(args.config, args.set)
@@ -121,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     split = args.split or config.data.eval_split
     try:
-        chunks = held_out_chunks(config, split, list(models.values()))
-    except KeyError as error:
-        print(f"error: --split / data.domains: {error.args[0]}", file=sys.stderr)
+        chunks = held_out_chunks(config, split, run_tokenizers(config, [resolve_model_dir(path) for path in models.values()]))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     results = evaluate_models(models, chunks["text"], chunks["domain"], args.batch_size, config.data.max_length, args.device)
     report = {"split": split, "chunks": len(chunks), "models": scores_to_json(results)}

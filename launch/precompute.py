@@ -48,29 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     if not config.sources:
         print("error: sources: the config lists no sources to precompute", file=sys.stderr)
         return 2
-    from transformers import AutoTokenizer
-
-    from fusion.data import load_chunked_split
-    from fusion.precompute import precompute, subset_rows
-    from fusion.sources.pool import DTYPES
+    from fusion.precompute import precompute
+    from fusion.sources.loading import DTYPES
+    from fusion.splits import chunked_split, run_tokenizers, subset_rows, subset_seed
 
     dtypes = {DTYPES[source.dtype] for source in config.sources}
     if len(dtypes) != 1:
         print("error: sources[*].dtype: precompute runs every source in one dtype; make them equal", file=sys.stderr)
         return 2
-    target_tokenizer = AutoTokenizer.from_pretrained(config.target)
-    tokenizers = [target_tokenizer] + [AutoTokenizer.from_pretrained(source.path) for source in config.sources]
+    tokenizers = run_tokenizers(config)
+    target_tokenizer = tokenizers[0]
     split_name = args.split or config.data.train_split
     try:
-        corpus, _ = load_chunked_split(config.data.corpus, split_name, config.data.domains, tokenizers, config.data.max_length,
-                                       cache_dir=Path(config.run.cache_dir) / "chunks")
-    except KeyError as error:
-        print(f"error: --split / data.domains: {error.args[0]}", file=sys.stderr)
+        corpus, _ = chunked_split(config, split_name, tokenizers)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     rows = None
     if split_name == config.data.train_split:
-        seed = config.run.seed if config.data.subset_seed is None else config.data.subset_seed
-        rows = subset_rows(len(corpus), config.data.max_train_chunks, seed)
+        rows = subset_rows(len(corpus), config.data.max_train_chunks, subset_seed(config))
     if args.limit is not None:
         rows = (rows if rows is not None else list(range(len(corpus))))[:args.limit]
     started = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from fusion.comparison import (
+from experiments.comparison import (
     RunOutcome,
     RunSpec,
     Spread,
@@ -88,7 +88,7 @@ def test_run_matrix_runs_pool_modes_on_every_pool_and_the_baseline_once_per_seed
 def test_run_config_keeps_the_pool_in_config_order_and_caps_max_sources():
     config = run_config(BASE, RunSpec("predictive", ("c", "a"), 3), "out/r", {"data": {"corpus": "k"}})
     assert [s["name"] for s in config["sources"]] == ["a", "c"]
-    assert config["run"] == {"seed": 3, "output_dir": "out/r", "name": "predictive-2src-seed3"}
+    assert config["run"] == {"seed": 3, "output_dir": "out/r"}
     assert config["selector"]["max_sources"] == 2 and config["data"] == {"corpus": "k"}
     assert run_config(BASE, RunSpec("predictive", ("b",), 3), "o")["selector"]["max_sources"] == 1
     assert BASE["selector"]["max_sources"] == 2 and len(BASE["sources"]) == 3  # the base is not modified

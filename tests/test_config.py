@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from fusion.config import ConfigError, load_config, parse_config
-from fusion.topology import LaunchEnv, TopologyError, free_port, plan_ranks
+from experiments.local_runs import free_port
+from fusion.topology import LaunchEnv, TopologyError, plan_ranks
 
 
 def base(**sections):
@@ -127,10 +128,16 @@ def test_load_config_reports_bad_files(tmp_path):
     assert load_config(good, check_paths=False).target == "models/target"
 
 
+REPOSITORY_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
 def test_repository_configs_are_valid():
-    # Paths are checked by the runs themselves; here only keys, types and values.
-    for path in sorted(str(path) for path in Path("configs").glob("*.yaml")):
-        load_config(path, check_paths=False)
+    # Found from this file, not the working directory. Paths are checked by the runs themselves;
+    # here only keys, types and values.
+    assert {"demo.yaml", "colocated.yaml", "compare.yaml", "baseline.yaml"} <= {path.name for path in REPOSITORY_CONFIGS}
+    for path in REPOSITORY_CONFIGS:
+        config = load_config(path, check_paths=False)
+        assert config.target and config.run.output_dir, path
 
 
 def plan(trainer_ranks, specs, placement="disaggregated", mode="predictive", world=None):
@@ -184,8 +191,10 @@ def test_free_port_leaves_the_store_port_free_too():
             port = free_port()
             for candidate in (port, port + 1):
                 sock = socket.socket()
-                sock.bind(("127.0.0.1", candidate))  # raises if taken
                 held.append(sock)
+                sock.bind(("127.0.0.1", candidate))  # raises OSError if taken
+                assert sock.getsockname()[1] == candidate
+        assert len(held) == 100
     finally:
         for sock in held:
             sock.close()

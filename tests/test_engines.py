@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from fusion.topology import free_port
+from experiments.local_runs import free_port
 from test_train_zero3 import kill_at_first_checkpoint_then_resume, launch, write_config
 
 pytestmark = pytest.mark.distributed

@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from conftest import ROOT
-from fusion.topology import free_port
+from experiments.local_runs import free_port
 
 
 def run_train(tmp_path, config: dict, env: dict | None = None) -> subprocess.CompletedProcess:

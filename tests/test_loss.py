@@ -258,13 +258,13 @@ def test_chosen_and_sharpened_weights_hand_computed():
     torch.testing.assert_close(w, torch.tensor([[0.625, 0.375, 0.0], [0.0, 0.0, 0.0]]))
 
     nll = torch.tensor([[1.0, 0.5, math.nan], [2.0, 2.0, 2.0]])
-    sharp = sharpen_weights(w, nll, tau=0.5)
+    sharp = sharpen_weights(w, nll, temperature=0.5)
     # w' ∝ w * exp(-nll / tau): 0.625 e^-2 vs 0.375 e^-1.
     a, b = 0.625 * math.exp(-2.0), 0.375 * math.exp(-1.0)
     assert sharp[0].tolist() == pytest.approx([a / (a + b), b / (a + b), 0.0], rel=1e-6)
     assert sharp[1].tolist() == [0.0, 0.0, 0.0]
     # Large scores with small tau must not underflow to NaN.
-    tiny_tau = sharpen_weights(w, nll * 1000, tau=1e-3)
+    tiny_tau = sharpen_weights(w, nll * 1000, temperature=1e-3)
     assert torch.isfinite(tiny_tau).all() and tiny_tau[0].tolist() == pytest.approx([0.0, 1.0, 0.0])
 
 
@@ -276,4 +276,4 @@ def test_fusion_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="weights"):
         fuse_soft_labels([a], torch.ones(2, 2))
     with pytest.raises(ValueError, match="non-zero weight"):
-        sharpen_weights(torch.ones(2, 2), torch.tensor([[1.0, math.inf], [1.0, 1.0]]), tau=1.0)
+        sharpen_weights(torch.ones(2, 2), torch.tensor([[1.0, math.inf], [1.0, 1.0]]), temperature=1.0)

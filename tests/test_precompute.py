@@ -16,18 +16,14 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
 
 from fusion.data import build_chunked_split
-from fusion.precompute import (
-    MANIFEST,
-    load_answers,
-    load_source,
-    precompute,
-    read_manifest,
-    shard_ranges,
-    subset_rows,
-)
+from fusion.precompute import precompute
+from fusion.sources.loading import load_causal_lm
+from fusion.sources.store import MANIFEST, load_answers, read_manifest, shard_ranges
+from fusion.splits import sample, subset_rows
 from fusion.sources.answer import (
     SparseSoftLabels,
     answer_features,
@@ -163,7 +159,7 @@ def test_reference_run_writes_every_shard_and_manifest(workspace):
 def test_stored_answers_equal_direct_scoring(workspace):
     """Rows on disk (joined by chunk_index) equal the scorer's answer for the same chunks."""
     name, path = workspace["sources"][0]
-    model, source_tokenizer = load_source(path, "cpu", torch.float32)
+    model, source_tokenizer = load_causal_lm(path, torch.float32), AutoTokenizer.from_pretrained(path)
     vocab_map = VocabMap.build(source_tokenizer, workspace["target"], model.config.vocab_size)
     scorer = SourceScorer(model, source_tokenizer, workspace["target"], vocab_map, top_k=TOP_K, max_length=MAX_LENGTH)
     rows = [0, 4, 5]
@@ -280,11 +276,17 @@ def test_load_answers_names_missing_shards(workspace, tmp_path):
 
 
 def test_subset_rows_are_the_trainers_sample():
-    """The rows a trainer keeps with data.max_train_chunks (datasets' shuffle, then the first N)."""
+    """The rows a trainer keeps with data.max_train_chunks: ``limit`` distinct rows of the split, fixed by
+    the seed, and exactly the rows of ``sample``, which the trainer and evaluation read."""
     chunks = datasets.Dataset.from_dict({"chunk_index": list(range(37))})
-    for seed in (0, 5):
-        assert subset_rows(37, 11, seed) == chunks.shuffle(seed=seed).select(range(11))["chunk_index"]
+    draws = {seed: subset_rows(37, 11, seed) for seed in (0, 5)}
+    for seed, rows in draws.items():
+        assert len(set(rows)) == 11 and all(0 <= row < 37 for row in rows)
+        assert rows == subset_rows(37, 11, seed)
+        assert sample(chunks, 11, seed)["chunk_index"] == rows
+    assert draws[0] != draws[5]
     assert subset_rows(37, None, 0) is None and subset_rows(37, 37, 0) is None
+    assert len(sample(chunks, 37, 0)) == 37
 
 
 def test_max_train_chunks_subset_is_read_by_chunk_index(workspace):
@@ -297,7 +299,7 @@ def test_max_train_chunks_subset_is_read_by_chunk_index(workspace):
     limit, seed = 5, 3
     assert workspace["launcher"].main([*workspace["args"], "--set", f"fusion.answers_dir={out}", "--set",
                                        f"data.max_train_chunks={limit}", "--set", f"data.subset_seed={seed}"]) == 0
-    kept = corpus.add_column("chunk_index", list(range(len(corpus)))).shuffle(seed=seed).select(range(limit))["chunk_index"]
+    kept = sample(corpus.add_column("chunk_index", list(range(len(corpus)))), limit, seed)["chunk_index"]
     name, path = workspace["sources"][0]
     assert load_answers(out / name)["chunk_index"][:] == kept
 
@@ -305,10 +307,14 @@ def test_max_train_chunks_subset_is_read_by_chunk_index(workspace):
     offline = OfflineSources(specs, out, workspace["target"], TOP_K, 1.0, corpus)
     reference = load_answers(root / "reference" / name).with_format("arrow")
     rows = [kept[3], kept[0]]
-    batch = {"chunk_index": rows, "attention_mask": torch.ones(2, MAX_LENGTH, dtype=torch.long)}
-    answer = offline.answer(batch, [], torch.ones(2, 1, dtype=torch.bool), MAX_LENGTH)[0]
+    batch = {"chunk_index": rows, "input_ids": torch.zeros(2, MAX_LENGTH, dtype=torch.long),
+             "attention_mask": torch.ones(2, MAX_LENGTH, dtype=torch.long)}
+    chosen = torch.ones(2, 1, dtype=torch.bool)
+    answers, arrived = offline.collect(offline.request(batch, chosen, step=1))
+    answer = answers[0]
+    assert torch.equal(arrived, chosen)
     expected = from_arrow(pa.concat_tables([reference[r : r + 1] for r in rows]), MAX_LENGTH, torch.float32)
     assert torch.equal(answer.indices, expected.indices) and torch.equal(answer.valid, expected.valid)
     missing = next(row for row in range(len(corpus)) if row not in kept)
     with pytest.raises(ConfigError, match=f"lack chunk {missing}"):
-        offline.answer({**batch, "chunk_index": [missing, rows[0]]}, [], torch.ones(2, 1, dtype=torch.bool), MAX_LENGTH)
+        offline.collect(offline.request({**batch, "chunk_index": [missing, rows[0]]}, chosen, step=1))

@@ -96,7 +96,7 @@ def test_selector_loss_hand_computed():
     chosen = as_mask([{0, 1}, {2}, {0, 1, 2}], 3)
     nan = math.nan
     nll = torch.tensor([[1.0, 2.0, nan], [nan, nan, 0.7], [1.0, 1.0, 2.0]])
-    loss, stats = selector_loss(logits, chosen, nll, beta=0.5, score_temperature=0.5)
+    loss, stats = selector_loss(logits, chosen, nll, beta=0.5, target_temperature=0.5)
 
     # Row 0: target softmax(-[1, 2] / 0.5), gate restricted to {0, 1} = (2/3, 1/3).
     r0 = [1 / (1 + math.exp(-2)), math.exp(-2) / (1 + math.exp(-2))]
@@ -153,7 +153,7 @@ def test_baseline_weights():
 
 def test_selection_network_modes():
     torch.manual_seed(0)
-    scores = SelectionNetwork(3, mode="scores", gate_temperature=0.5)
+    scores = SelectionNetwork(3, features="scores", gate_temperature=0.5)
     nll = torch.tensor([[1.0, 2.0, 0.5]])
     torch.testing.assert_close(torch.softmax(scores(nll_per_byte=nll), -1), torch.softmax(-nll / 0.5, -1))
     with pytest.raises(ValueError, match="every source"):
@@ -169,8 +169,8 @@ def test_selection_network_modes():
     torch.testing.assert_close(net(padded_ids, padded_mask), out)
     with pytest.raises(ValueError, match="input_ids"):
         net(nll_per_byte=torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="mode"):
-        SelectionNetwork(2, mode="oracle")
+    with pytest.raises(ValueError, match="features"):
+        SelectionNetwork(2, features="oracle")
 
 
 def domain_batch(gen, batch):
@@ -189,7 +189,7 @@ def realised_scores(gen, domains, margin, best_source=None):
     return nll
 
 
-def train_selector(seed, steps, beta, exploration, score_temperature, scores_for_step):
+def train_selector(seed, steps, beta, exploration, target_temperature, scores_for_step):
     """The trainer's selector loop; only the chosen sources are measured (others NaN)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -200,7 +200,7 @@ def train_selector(seed, steps, beta, exploration, score_temperature, scores_for
         logits = net(ids)
         chosen = select(torch.softmax(logits, -1).detach(), 0.15, 1, 2, exploration, generator=gen)
         measured = torch.where(chosen, scores_for_step(gen, step, domains), math.nan)
-        loss, _ = selector_loss(logits, chosen, measured, beta, score_temperature)
+        loss, _ = selector_loss(logits, chosen, measured, beta, target_temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -219,7 +219,7 @@ def evaluate(net, gen):
 def test_selector_learns_to_route_each_domain_to_its_source():
     start = time.perf_counter()
     net, gen = train_selector(
-        seed=0, steps=150, beta=0.5, exploration=0.1, score_temperature=0.1,
+        seed=0, steps=150, beta=0.5, exploration=0.1, target_temperature=0.1,
         scores_for_step=lambda g, step, domains: realised_scores(g, domains, margin=0.5),
     )
     accuracy, _ = evaluate(net, gen)

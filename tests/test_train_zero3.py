@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
-from fusion.topology import single_node_command
+from experiments.local_runs import single_node_command
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +26,7 @@ def write_config(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Pa
     """A run config in ``tmp_path/<name>.yaml`` writing to ``tmp_path/<name>``, one thread per rank."""
     config = {
         "target": str(target),
-        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 7, "cache_dir": str(tmp_path / "cache")},
+        "run": {"output_dir": str(tmp_path / name), "seed": 7, "cache_dir": str(tmp_path / "cache")},
         "topology": {"placement": "colocated", "trainer_ranks": ranks, **(topology or {})},
         "data": {"corpus": str(corpus), "max_length": 48},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "num_threads": 1, "log_every": 1,

@@ -273,14 +273,13 @@ def _build_smollm2(wheels_dir: Path, gguf_dir: Path, out_dir: Path) -> None:
         control,
         split_digits=True,
     )
-    _save(
-        tokenizer,
-        out_dir,
-        **{f"{name}_token": vocab.tokens[index] for name, index in vocab.special_ids.items()},
-        add_bos_token=vocab.add_bos,
-        add_eos_token=False,
-        model_max_length=vocab.context_length,
-    )
+    _save_gguf_tokenizer(tokenizer, out_dir, vocab, vocab.tokens)
+
+
+def _save_gguf_tokenizer(tokenizer, out_dir: Path, vocab, tokens: list[str]) -> None:
+    """Save a tokenizer rebuilt from a GGUF vocabulary with its special tokens, BOS rule and context length."""
+    _save(tokenizer, out_dir, **{f"{name}_token": tokens[index] for name, index in vocab.special_ids.items()},
+          add_bos_token=vocab.add_bos, add_eos_token=False, model_max_length=vocab.context_length)
 
 
 def _build_gemma3(wheels_dir: Path, gguf_dir: Path, out_dir: Path) -> None:
@@ -290,14 +289,7 @@ def _build_gemma3(wheels_dir: Path, gguf_dir: Path, out_dir: Path) -> None:
     pieces = [token.replace(" ", "▁") for token in vocab.tokens]
     unk = pieces[vocab.special_ids["unk"]]
     tokenizer = sentencepiece_bpe(pieces, vocab.scores, vocab.types, unk=unk, add_dummy_prefix=False)
-    _save(
-        tokenizer,
-        out_dir,
-        **{f"{name}_token": pieces[index] for name, index in vocab.special_ids.items()},
-        add_bos_token=vocab.add_bos,
-        add_eos_token=False,
-        model_max_length=vocab.context_length,
-    )
+    _save_gguf_tokenizer(tokenizer, out_dir, vocab, pieces)
     (out_dir / "tokenizer.model").write_bytes(
         sentencepiece_proto(pieces, vocab.scores, vocab.types, vocab.special_ids, add_dummy_prefix=False)
     )

@@ -1,14 +1,11 @@
-"""How the training step asks sources for answers: ``request`` now, ``collect`` later.
+"""The trainer side of a disaggregated run: ``EngineSources`` talks to the source engine groups.
 
-``LocalDispatch`` wraps the in-process pools (colocated models, offline answers): nothing can
-overlap inside one process, so the work happens at ``collect``. ``EngineSources`` talks to the
-source engine groups of a disaggregated run: ``request`` sends the texts to a live replica of
-each chosen source and posts the receive buffers for the reply at once, so the sources compute
-while the trainer trains on earlier batches; ``collect`` waits (with a deadline) for the replies.
-
-Both return, per source, the answer for the whole batch (rows not answered stay invalid) and an
-``[B, S]`` mask of the rows that did get an answer; a source that times out, fails or dies is
-marked down and its rows are simply not answered.
+``request`` sends the texts to a live replica of each chosen source and posts the receive buffers
+for the reply at once, so the sources compute while the trainer trains on earlier batches;
+``collect`` waits (with a deadline) for the replies. It implements ``fusion.sources.base.Sources``:
+per source, the answer for the whole batch (rows not answered stay invalid) and an ``[B, S]`` mask
+of the rows that did get an answer; a source that times out, fails or dies is marked down and its
+rows are simply not answered.
 """
 from __future__ import annotations
 
@@ -23,45 +20,12 @@ import torch.distributed as dist
 
 from fusion.config import SourceConfig
 from fusion.sources.answer import SparseSoftLabels
-from fusion.sources.pool import SourceCounters
-from fusion.sources.scoring import encode_with_offsets
+from fusion.sources.base import SourceCounters, put_rows
 from fusion.sources.wire import (HEADER_SIZE, TO_SOURCE_TAG, TO_TRAINER_TAG, Channel, Header, Kind, PeerLost,
                                  encode_texts)
 from fusion.topology import Topology
 
 STOP_GRACE_S = 5.0  # how long a failing trainer waits for the sources to take its STOP
-
-
-class LocalDispatch:
-    """``ColocatedSources`` / ``OfflineSources`` behind the request/collect interface."""
-
-    def __init__(self, pool, target_tokenizer, max_length: int):
-        self.pool = pool
-        self.target_tokenizer = target_tokenizer
-        self.max_length = max_length
-        self.names = pool.names
-        self.counters = pool.counters
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def available(self) -> torch.Tensor:
-        return self.pool.available
-
-    def request(self, batch: dict, chosen: torch.Tensor, step: int) -> tuple[dict, torch.Tensor]:
-        return batch, chosen
-
-    def collect(self, ticket: tuple[dict, torch.Tensor]) -> tuple[list[SparseSoftLabels], torch.Tensor]:
-        batch, chosen = ticket
-        _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, batch["texts"], self.max_length)
-        return self.pool.answer(batch, target_offsets, chosen, batch["input_ids"].shape[1]), chosen
-
-    def agree_on_down(self, group) -> None:
-        """In-process sources never go down."""
-
-    def close(self, collect_reports: bool = True) -> dict:
-        return {}
 
 
 class _LeaderLink:
@@ -129,6 +93,8 @@ class EngineSources:
         startup_timeout_s: deadline for each leader's READY (model loading).
     """
 
+    overlaps = True
+
     def __init__(self, specs: Sequence[SourceConfig], topology: Topology, top_k: int, request_timeout_s: float,
                  startup_timeout_s: float):
         self.names = [spec.name for spec in specs]
@@ -166,7 +132,7 @@ class EngineSources:
         return True
 
     # --------------------------------------------------------------------------------------------
-    def wait_until_ready(self) -> None:
+    def ready(self) -> None:
         """Receive every leader's READY (vocabulary coverage); a leader that never answers is down."""
         jobs = [(source, replica, link.submit(lambda leader=link.leader: self.channel.recv_json(leader)))
                 for source, replica, link in self._replicas()]
@@ -263,10 +229,8 @@ class EngineSources:
             reply = self._reply(sent)
             if reply is None:
                 continue
-            index = torch.tensor(sent.rows)
-            for name in ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte"):
-                getattr(answers[sent.source], name)[index] = getattr(reply, name)
-            arrived[index, sent.source] = True
+            put_rows(answers[sent.source], sent.rows, reply)
+            arrived[torch.tensor(sent.rows), sent.source] = True
         return answers, arrived
 
     def _reply(self, sent: _InFlight) -> SparseSoftLabels | None:

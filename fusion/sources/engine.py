@@ -22,16 +22,15 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from fusion.config import Config
 from fusion.sources.answer import SparseSoftLabels
-from fusion.sources.pool import DTYPES
-from fusion.sources.scoring import SourceScorer, encode_with_offsets
+from fusion.sources.loading import DTYPES, build_scorer, load_causal_lm, vocab_size_of
+from fusion.sources.scoring import encode_with_offsets
 from fusion.sources.wire import (TO_SOURCE_TAG, TO_TRAINER_TAG, Channel, Header, Kind, PeerLost, answer_tensors,
                                  decode_texts)
 from fusion.topology import Topology
-from fusion.vocab_map import VocabMap
 
 # Followers wait in a collective broadcast, whose process-group timeout would fire during a long
 # trainer pause (evaluation, checkpointing); the leader says "still here" this often when idle.
@@ -69,9 +68,9 @@ class SourceEngine:
         self.replica_lost: str | None = None  # why this replica can no longer compute (a TP rank died)
 
     def load(self) -> None:
-        model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=DTYPES[self.spec.dtype]).eval()
-        # The logits' width, read before AutoTP may split the head: padded vocabularies have extra rows.
-        vocab_size = model.get_output_embeddings().weight.shape[0]
+        model = load_causal_lm(self.spec.path, self.spec.dtype)
+        # Read before AutoTP may split the head.
+        vocab_size = vocab_size_of(model)
         if self.device.type == "cpu":
             # DeepSpeed's CPU shared-memory all-reduce ignores the TP group and assumes the whole
             # node is one world; with role-local worlds it is not set up. Use the group's gloo.
@@ -83,13 +82,10 @@ class SourceEngine:
         if not self.topology.is_source_leader:
             return
         self.target_tokenizer = AutoTokenizer.from_pretrained(self.config.target)
-        tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
-        self.vocab_map = VocabMap.build(tokenizer, self.target_tokenizer, vocab_size,
-                                        cache_dir=Path(self.config.run.cache_dir) / "vocab_maps")
         fusion = self.config.fusion
-        self.scorer = SourceScorer(self._forward, tokenizer, self.target_tokenizer, self.vocab_map, top_k=fusion.top_k,
-                                   temperature=fusion.temperature, dtype=torch.float32,
-                                   max_length=self.config.data.max_length, device=self.device)
+        self.scorer = build_scorer(self._forward, vocab_size, self.spec.path, self.target_tokenizer, top_k=fusion.top_k,
+                                   temperature=fusion.temperature, max_length=self.config.data.max_length,
+                                   vocab_map_dir=Path(self.config.run.cache_dir) / "vocab_maps", device=self.device)
 
     def run(self) -> ServedStats | None:
         """Serve (leader) or follow until the trainer is done; the leader returns what it served."""
@@ -150,7 +146,7 @@ class SourceEngine:
             inbox.put((trainer_rank, None, None))
 
     def _serve(self) -> ServedStats:
-        ready = {"coverage": self.vocab_map.coverage(), "replica": self.topology.replica_index,
+        ready = {"coverage": self.scorer.vocab_map.coverage(), "replica": self.topology.replica_index,
                  "tensor_parallel": self.tensor_parallel}
         active = set()
         for rank in self.trainer_ranks:

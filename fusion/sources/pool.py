@@ -1,47 +1,26 @@
-"""Where the training step gets source answers from, asked only for the rows chosen for each source.
+"""Sources that answer inside the trainer process, asked only for the rows chosen for each source.
 
 ``ColocatedSources`` runs every source model inside the trainer process; ``OfflineSources``
-reads answers that ``launch/precompute.py`` wrote. ``answer`` is the whole interface the step
-uses, so a disaggregated transport (engine groups over the exchange group) can stand in too.
+reads answers that ``launch/precompute.py`` wrote (:mod:`fusion.sources.store`). Both implement
+the ``fusion.sources.base.Sources`` interface through ``InProcessSources``.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion.config import ConfigError, SourceConfig
-from fusion.precompute import corpus_sha256, load_answers, read_manifest
 from fusion.sources.answer import SparseSoftLabels, from_arrow
-from fusion.sources.scoring import Offsets, SourceScorer
-from fusion.vocab_map import VocabMap, tokenizer_sha256
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class SourceCounters:
-    """What one source did so far for this rank.
-
-    ``requests`` are forward passes, ``tokens`` the target tokens of the sequences sent,
-    ``seconds`` the source's compute time and ``waited`` the time the trainer was blocked on it
-    (the same thing in-process; less when a disaggregated source computes ahead).
-    """
-
-    requests: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    waited: float = 0.0
-    failures: int = 0
-    coverage: dict = field(default_factory=dict)
+from fusion.sources.base import InProcessSources, SourceCounters
+from fusion.sources.loading import build_scorer, load_causal_lm, vocab_size_of
+from fusion.sources.scoring import encode_with_offsets
+from fusion.sources.store import corpus_sha256, load_answers, read_manifest
+from fusion.vocab_map import tokenizer_sha256
 
 
-class ColocatedSources:
+class ColocatedSources(InProcessSources):
     """Source models loaded in this process, aligned to the target tokenizer.
 
     Args:
@@ -53,50 +32,31 @@ class ColocatedSources:
         device: where source models run.
     """
 
+    overlaps = False
+
     def __init__(self, specs: Sequence[SourceConfig], target_tokenizer, top_k: int, temperature: float,
                  max_length: int, cache_dir: Path, device: torch.device):
         self.names = [spec.name for spec in specs]
         self.batch_sizes = [spec.batch_size for spec in specs]
         self.top_k = top_k
-        self.scorers: list[SourceScorer] = []
+        self.target_tokenizer = target_tokenizer
+        self.max_length = max_length
         self.counters = [SourceCounters() for _ in specs]
+        self.scorers = []
         for spec, counters in zip(specs, self.counters):
-            tokenizer = AutoTokenizer.from_pretrained(spec.path)
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[spec.dtype]).to(device).eval()
-            # The logits' width, not len(tokenizer): padded vocabularies have extra rows.
-            vocab_size = model.get_output_embeddings().weight.shape[0]
-            vocab_map = VocabMap.build(tokenizer, target_tokenizer, vocab_size, cache_dir=cache_dir)
-            counters.coverage = vocab_map.coverage()
-            self.scorers.append(SourceScorer(model, tokenizer, target_tokenizer, vocab_map, top_k=top_k,
-                                             temperature=temperature, dtype=torch.float32, max_length=max_length,
-                                             device=device))
+            model = load_causal_lm(spec.path, spec.dtype).to(device)
+            scorer = build_scorer(model, vocab_size_of(model), spec.path, target_tokenizer, top_k=top_k,
+                                  temperature=temperature, max_length=max_length, vocab_map_dir=cache_dir, device=device)
+            counters.coverage = scorer.vocab_map.coverage()
+            self.scorers.append(scorer)
 
-    def __len__(self) -> int:
-        return len(self.scorers)
-
-    @property
-    def available(self) -> torch.Tensor:
-        """``[S]`` bool: sources that can be asked (colocated sources never go down)."""
-        return torch.ones(len(self), dtype=torch.bool)
-
-    def answer(self, batch: dict, target_offsets: Sequence[Offsets], chosen: torch.Tensor, length: int) -> list[SparseSoftLabels]:
-        """One answer per source for the whole batch; rows a source was not chosen for stay invalid.
-
-        Args:
-            batch: the collated batch (its ``texts``).
-            target_offsets: the texts' target-tokenizer offsets.
-            chosen: ``[B, S]`` bool, which sources run for which sequence.
-            length: position dimension L of the answers (the target batch width).
-        """
-        texts = batch["texts"]
-
-        def score(source: int, rows: list[int]) -> SparseSoftLabels:
-            return self.scorers[source].score([texts[row] for row in rows], [target_offsets[row] for row in rows], length)
-
-        return _answers_by_source(score, chosen, batch["attention_mask"], self.top_k, self.batch_sizes, self.counters)
+    def _fetch(self, source: int, batch: dict, rows: list[int]) -> SparseSoftLabels:
+        texts = [batch["texts"][row] for row in rows]
+        _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        return self.scorers[source].score(texts, target_offsets, batch["input_ids"].shape[1])
 
 
-class OfflineSources:
+class OfflineSources(InProcessSources):
     """Sparse answers precomputed by ``launch/precompute.py``, read by chunk index.
 
     Only the rows chosen for a source are read, so a mode uses no answer it did not ask for.
@@ -105,9 +65,11 @@ class OfflineSources:
     (``data.max_train_chunks``); rows are found through their stored ``chunk_index``.
 
     Raises:
-        ConfigError: answers are missing for a source, were made with other settings, or (in
-            ``answer``) do not cover a chunk the run asks for.
+        ConfigError: answers are missing for a source, were made with other settings, or (when
+            collected) do not cover a chunk the run asks for.
     """
+
+    overlaps = False
 
     def __init__(self, specs: Sequence[SourceConfig], answers_dir: Path, target_tokenizer, top_k: int,
                  temperature: float, train_chunks):
@@ -134,50 +96,12 @@ class OfflineSources:
             self.tables.append(answers.with_format("arrow"))
             self.rows_by_chunk.append({chunk: row for row, chunk in enumerate(answers["chunk_index"])})
 
-    def __len__(self) -> int:
-        return len(self.tables)
-
-    @property
-    def available(self) -> torch.Tensor:
-        return torch.ones(len(self), dtype=torch.bool)
-
-    def answer(self, batch: dict, target_offsets: Sequence[Offsets], chosen: torch.Tensor, length: int) -> list[SparseSoftLabels]:
-        """Like ``ColocatedSources.answer``; rows are looked up by ``batch["chunk_index"]``."""
+    def _fetch(self, source: int, batch: dict, rows: list[int]) -> SparseSoftLabels:
         chunk_index = batch["chunk_index"]
-
-        def read(source: int, rows: list[int]) -> SparseSoftLabels:
-            try:
-                stored = [self.rows_by_chunk[source][int(chunk_index[row])] for row in rows]
-            except KeyError as error:
-                raise ConfigError(f"fusion.answers_dir: the answers of {self.names[source]!r} lack chunk {error.args[0]} of the "
-                                  "training split; precompute with this run's data.max_train_chunks and data.subset_seed "
-                                  "(or run.seed)") from None
-            return from_arrow(self.tables[source][stored], length, torch.float32)
-
-        return _answers_by_source(read, chosen, batch["attention_mask"], self.top_k, self.batch_sizes, self.counters)
-
-
-def _answers_by_source(fetch, chosen: torch.Tensor, attention_mask: torch.Tensor, top_k: int, batch_sizes: list[int],
-                       counters: list[SourceCounters]) -> list[SparseSoftLabels]:
-    """Call ``fetch(source, rows)`` in batches over the rows chosen for each source; assemble full answers."""
-    length = attention_mask.shape[1]
-    row_tokens = attention_mask.sum(1)
-    answers = []
-    for source, batch_size in enumerate(batch_sizes):
-        full = SparseSoftLabels.empty(chosen.shape[0], length, top_k, torch.float32)
-        rows = chosen[:, source].nonzero().flatten().tolist()
-        for start in range(0, len(rows), batch_size):
-            part_rows = rows[start:start + batch_size]
-            started = time.perf_counter()
-            part = fetch(source, part_rows)
-            elapsed = time.perf_counter() - started
-            counters[source].seconds += elapsed
-            counters[source].waited += elapsed
-            counters[source].requests += 1
-            counters[source].sequences += len(part_rows)
-            counters[source].tokens += int(row_tokens[part_rows].sum())
-            index = torch.tensor(part_rows)
-            for name in ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte"):
-                getattr(full, name)[index] = getattr(part, name)
-        answers.append(full)
-    return answers
+        try:
+            stored = [self.rows_by_chunk[source][int(chunk_index[row])] for row in rows]
+        except KeyError as error:
+            raise ConfigError(f"fusion.answers_dir: the answers of {self.names[source]!r} lack chunk {error.args[0]} of the "
+                              "training split; precompute with this run's data.max_train_chunks and data.subset_seed "
+                              "(or run.seed)") from None
+        return from_arrow(self.tables[source][stored], batch["input_ids"].shape[1], torch.float32)

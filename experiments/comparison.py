@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from fusion.selection import GATE_MODES
+from fusion.policies import POLICIES
 
 BASELINE_MODE = "none"
 
@@ -109,7 +109,7 @@ def run_config(base: Mapping, spec: RunSpec, output_dir: str, overrides: Mapping
     if unknown:
         raise ValueError(f"pool sources {unknown} are not in the config's sources {sorted(known)}")
     config["sources"] = [source for name, source in known.items() if name in spec.sources]
-    config["run"] = {**config.get("run", {}), "seed": spec.seed, "output_dir": output_dir, "name": spec.name}
+    config["run"] = {**config.get("run", {}), "seed": spec.seed, "output_dir": output_dir}
     config["fusion"] = {**config.get("fusion", {}), "mode": spec.mode}
     selector = config.get("selector", {})
     if spec.sources and selector.get("max_sources") is not None:
@@ -126,11 +126,11 @@ def run_key(config: Mapping) -> str:
     """
     relevant = {key: value for key, value in config.items() if key != "run"}
     relevant["seed"] = config.get("run", {}).get("seed")
-    mode = config.get("fusion", {}).get("mode")
-    if mode == BASELINE_MODE:
+    policy = POLICIES[config.get("fusion", {}).get("mode")]
+    if not policy.asks_sources:
         for key in ("sources", "fusion", "selector"):
             relevant.pop(key, None)
-    elif mode not in GATE_MODES:
+    elif not policy.learns:
         relevant.pop("selector", None)
         relevant["fusion"] = {key: value for key, value in relevant.get("fusion", {}).items() if key != "sharpen_temperature"}
     text = json.dumps(relevant, sort_keys=True, default=str)

@@ -1,0 +1,1 @@
+"""Experiments on top of the ``fusion`` package: the mode comparison and local run helpers."""

@@ -1,0 +1,230 @@
+"""Fusion policies: which sources run for each sequence, how much each answer weighs, what is learnt.
+
+A policy answers three questions in the order the training step asks them:
+
+``choose(batch, available, step)``
+    before any source runs: ``[B, S]`` bool, the sources to ask for each sequence.
+``weigh(batch, answers, ran)``
+    once the answers arrived (``ran``: the rows each source did answer): ``[B, S]`` sequence
+    weights for :func:`fusion.fusion_weights.fuse_soft_labels`, zero where a source did not run.
+``learn(batch, answers, ran)``
+    update whatever the policy learns from what it saw (a no-op for the fixed baselines).
+
+One class per ``fusion.mode``; ``POLICIES`` maps the mode names of ``fusion.config.FUSION_MODES``
+to them. The selector network and its optimizer belong to the policies that have one, and are
+checkpointed through ``state_dict``. Equations of the gates, the selection rule and the baselines
+are in :mod:`fusion.selection` and :mod:`fusion.fusion_weights`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from fusion.config import Config
+from fusion.fusion_weights import chosen_weights, sharpen_weights
+from fusion.selection import SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
+from fusion.sources.answer import SparseSoftLabels
+
+# Stands in for the score of a row a source did not answer (masked out of the weights anyway).
+UNANSWERED_NLL = 1e9
+
+
+def _scores(answers: Sequence[SparseSoftLabels], field: str) -> Tensor:
+    """``[B, S]`` per-sequence scores of every source (NaN where it did not answer)."""
+    return torch.stack([getattr(answer, field) for answer in answers], dim=1)
+
+
+class FusionPolicy:
+    """The fixed policy every baseline shares: ask every available source, learn nothing.
+
+    Subclasses override ``_weigh`` (and, to choose or learn, ``choose`` / ``_learn``). ``weigh`` and
+    ``learn`` see only micro-batches in which at least one source answered.
+    """
+
+    name: ClassVar[str]
+    asks_sources: ClassVar[bool] = True  # False: the run needs no source at all
+    learns: ClassVar[bool] = False  # True: it reads selector.* and fusion.sharpen_temperature
+
+    def __init__(self, config: Config, num_sources: int, **_):
+        self.config = config
+        self.num_sources = num_sources
+
+    def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
+        return available.expand(batch["input_ids"].shape[0], -1).clone()
+
+    def weigh(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        if not bool(ran.any()):
+            return torch.zeros(ran.shape)
+        return self._weigh(batch, answers, ran)
+
+    def learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+        if bool(ran.any()):
+            self._learn(batch, answers, ran)
+
+    def _weigh(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        # FuseLLM's baselines weigh by per-token CE; rows a source did not answer get no weight from it.
+        nll_per_token = _scores(answers, "nll_per_token").nan_to_num(nan=UNANSWERED_NLL)
+        return chosen_weights(baseline_weights(self.name, nll_per_token, ran.any(0)), ran)
+
+    def _learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+        """The baselines are fixed rules."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore."""
+
+    def save(self, path: Path, source_names: list[str]) -> None:
+        """Nothing to keep beside the model."""
+
+
+class NoFusion(FusionPolicy):
+    """``none``: plain continued LM training; no source is ever asked."""
+
+    name = "none"
+    asks_sources = False
+
+    def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
+        return torch.zeros(batch["input_ids"].shape[0], available.shape[0], dtype=torch.bool)
+
+
+class AllUniform(FusionPolicy):
+    name = "all_uniform"
+
+
+class MinCE(FusionPolicy):
+    name = "min_ce"
+
+
+class AvgCE(FusionPolicy):
+    name = "avg_ce"
+
+
+class GatePolicy(FusionPolicy):
+    """A policy with a selection network (replicated on every trainer rank) and its own optimizer.
+
+    Args:
+        config: the run config (``selector.*``, ``fusion.sharpen_temperature``).
+        num_sources: S.
+        vocab_size: rows of the selector's hashed embedding table (the target vocabulary).
+        device: where the selector runs.
+        seed: seed of this rank's exploration draws.
+        average_gradients: averages the selector's gradients over the trainer ranks in place.
+    """
+
+    features: ClassVar[str]
+    learns = True
+
+    def __init__(self, config: Config, num_sources: int, *, vocab_size: int, device: torch.device, seed: int,
+                 average_gradients: Callable[[Iterable[Tensor]], None]):
+        super().__init__(config, num_sources)
+        selector = config.selector
+        self.device = device
+        self.selector = SelectionNetwork(num_sources, self.features, vocab_size=vocab_size, embed_dim=selector.embedding_dim,
+                                         hidden_dim=selector.hidden_dim,
+                                         gate_temperature=selector.gate_temperature).to(device)
+        self.optimizer = torch.optim.AdamW(self.selector.parameters(), lr=selector.lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.average_gradients = average_gradients
+        self._stats: dict[str, float] = {}
+
+    @property
+    def max_sources(self) -> int:
+        return self.config.selector.max_sources or self.num_sources
+
+    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _chosen(self, gate_probs: Tensor, ran: Tensor) -> Tensor:
+        """The sources among those that ran whose answers are fused."""
+        return ran
+
+    def _weigh(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        with torch.no_grad():
+            gate_probs = self._gate_logits(batch, answers, ran).softmax(-1).cpu()
+        weights = chosen_weights(gate_probs, self._chosen(gate_probs, ran) & ran)
+        sharpen = self.config.fusion.sharpen_temperature
+        if sharpen is not None:
+            weights = sharpen_weights(weights, _scores(answers, "nll_per_byte"), sharpen)
+        return weights
+
+    def _learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+        selector = self.config.selector
+        gate_logits = self._gate_logits(batch, answers, ran)
+        loss, stats = selector_loss(gate_logits, ran.to(self.device), _scores(answers, "nll_per_byte").to(self.device),
+                                    selector.beta, selector.target_temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Replicated on every trainer rank: averaged gradients keep the replicas identical.
+        self.average_gradients(parameter.grad for parameter in self.selector.parameters() if parameter.grad is not None)
+        self.optimizer.step()
+        self._stats = {"select/loss": float(loss.detach()), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2)}
+
+    def stats(self) -> dict[str, float]:
+        return self._stats
+
+    def state_dict(self) -> dict:
+        return {"selector": self.selector.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selector.load_state_dict(state["selector"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def save(self, path: Path, source_names: list[str]) -> None:
+        torch.save({"selector": self.selector.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "sources": source_names}, path)
+
+
+class Predictive(GatePolicy):
+    """``predictive``: the gate reads the target ids, so it chooses before any source runs."""
+
+    name = "predictive"
+    features = "ids"
+
+    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        return self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+    def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
+        selector = self.config.selector
+        with torch.no_grad():
+            gate_probs = self._gate_logits(batch, [], available).softmax(-1).cpu()
+        exploration = selector.exploration
+        rate = exploration_rate_at(step, exploration.start, exploration.end, exploration.decay_steps, exploration.schedule)
+        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, rate, self.generator, available)
+
+
+class Scores(GatePolicy):
+    """``scores`` (the paper's gate): every source runs; the gate over their realised scores picks
+    whose answers are fused."""
+
+    name = "scores"
+    features = "scores"
+
+    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        nll_per_byte = _scores(answers, "nll_per_byte")
+        # A source that did not answer a row gets that row's worst arrived score as its feature;
+        # it gets no weight there anyway.
+        worst = torch.where(ran, nll_per_byte, float("-inf")).amax(1, keepdim=True).nan_to_num(neginf=0.0)
+        return self.selector(nll_per_byte=torch.where(ran, nll_per_byte, worst).to(self.device))
+
+    def _chosen(self, gate_probs: Tensor, ran: Tensor) -> Tensor:
+        selector = self.config.selector
+        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, 0.0, available_mask=ran.any(0))
+
+
+POLICIES: dict[str, type[FusionPolicy]] = {policy.name: policy for policy in
+                                           (NoFusion, AllUniform, MinCE, AvgCE, Scores, Predictive)}
+
+
+def make_policy(config: Config, num_sources: int, **gate_arguments) -> FusionPolicy:
+    """The policy of ``fusion.mode`` over ``num_sources`` sources (``gate_arguments``: see ``GatePolicy``)."""
+    return POLICIES[config.fusion.mode](config, num_sources, **gate_arguments)

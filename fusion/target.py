@@ -1,0 +1,154 @@
+"""The target model under ZeRO-3: built partitioned, trained through the chunked fused loss, saved.
+
+``TargetModel`` owns the DeepSpeed engine of the trainer ranks; the training loop only calls
+``forward`` / ``backward_and_step`` and the checkpoint and export methods.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from fusion.config import Config
+from fusion.evaluation import sharded_held_out
+from fusion.fusion_weights import FusedSoftTarget, empty_soft_target
+from fusion.loss import fused_lm_loss
+from fusion.sources.loading import DTYPES
+
+# Keys of the engine JSON that the run config decides.
+RUN_OWNED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+                  "scheduler", "gradient_clipping", "bf16", "fp16"}
+
+
+class TrainModule(nn.Module):
+    """The target causal LM plus the chunked LM-head loss, as one module.
+
+    The loss reads the LM-head weight directly instead of calling the head, so under ZeRO-3 the
+    weight is registered as an external parameter of this module: DeepSpeed gathers it for
+    this forward and reduces its gradient like any other.
+    """
+
+    def __init__(self, causal_lm: nn.Module, chunk_size: int):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+        self.lm_head_weight = causal_lm.get_output_embeddings().weight
+
+    def forward(self, input_ids, attention_mask, labels, soft_indices, soft_probs, soft_valid, lam,
+                lm_normalizer, soft_normalizer):
+        hidden = self.causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return fused_lm_loss(hidden, self.lm_head_weight, labels, soft_indices, soft_probs, soft_valid, lam,
+                             self.chunk_size, lm_normalizer, soft_normalizer)
+
+
+def deepspeed_config(config: Config, dp_size: int) -> dict:
+    """The engine settings from ``trainer.deepspeed_config`` plus what the run config decides.
+
+    Raises:
+        ValueError: the JSON sets a key the run config owns, or uses ``"auto"`` (which raw
+            ``deepspeed.initialize`` silently ignores inside sub-configs).
+    """
+    trainer = config.trainer
+    path = Path(trainer.deepspeed_config)
+    engine = json.loads(path.read_text())
+    clashes = sorted(RUN_OWNED_KEYS & set(engine))
+    if clashes:
+        raise ValueError(f"{path}: keys {clashes} are set from the run config (trainer.*); remove them from the JSON")
+    if '"auto"' in path.read_text():
+        raise ValueError(f"{path}: \"auto\" values are only filled by the HF Trainer; write numbers")
+    micro, accumulation = trainer.micro_batch_size, trainer.gradient_accumulation_steps
+    engine.update({
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * dp_size,
+        "gradient_clipping": trainer.grad_clip,
+        "bf16": {"enabled": trainer.precision == "bf16"},
+        "fp16": {"enabled": trainer.precision == "fp16"},
+        # torch's AdamW: no JIT-compiled extension needed, on CPU or GPU.
+        "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": trainer.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": trainer.max_steps, "warmup_num_steps": trainer.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": trainer.min_lr_ratio, "warmup_type": "linear"}},
+    })
+    return engine
+
+
+class TargetModel:
+    """The target's DeepSpeed ZeRO-3 engine on the trainer ranks.
+
+    Args:
+        config: the run config (``target``, ``trainer.*``).
+        dp_size: trainer (data-parallel) ranks.
+        device: this rank's device.
+    """
+
+    def __init__(self, config: Config, dp_size: int, device: torch.device):
+        self.dp_size = dp_size
+        self.device = device
+        ds_config = deepspeed_config(config, dp_size)
+        # Kept alive so that from_pretrained builds the model already partitioned (zero.Init).
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        causal_lm = AutoModelForCausalLM.from_pretrained(config.target, dtype=DTYPES[config.trainer.precision])
+        module = TrainModule(causal_lm, config.trainer.loss_chunk_size)
+        deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+
+    def forward(self, batch: dict, target: FusedSoftTarget, lam: float, lm_normalizer, soft_normalizer):
+        """``(loss, FusedLossStats)`` of one micro-batch (see :func:`fusion.loss.fused_lm_loss`)."""
+        device = self.device
+        return self.engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+                           target.indices.to(device), target.probs.to(device), target.valid.to(device), lam,
+                           lm_normalizer, soft_normalizer)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        # The loss is already normalised by the global token count: undo DeepSpeed's averaging
+        # over data-parallel ranks and don't divide by the accumulation steps.
+        self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def held_out(self, eval_data, collator, micro_batch_size: int, max_batches: int, dp_rank: int, dp_size: int,
+                 global_sum) -> dict[str, dict]:
+        """Per-domain held-out ``{loss, perplexity, bits_per_byte, tokens}`` on ``eval_data`` (a collective;
+        see :func:`fusion.evaluation.sharded_held_out`)."""
+        ones = torch.ones((), device=self.device)
+
+        def score(batch: dict) -> tuple[float, int]:
+            _, stats = self.forward(batch, empty_soft_target(*batch["input_ids"].shape), 1.0, ones, ones)
+            return float(stats.lm_loss_sum), int(stats.lm_count)
+
+        rows = {domain: eval_data.filter(lambda row: row["domain"] == domain) for domain in sorted(set(eval_data["domain"]))}
+        self.engine.eval()
+        scores = sharded_held_out(score, rows, collator, micro_batch_size, max_batches, dp_rank, dp_size, global_sum)
+        self.engine.train()
+        return {domain: {"loss": s.nll / s.tokens, "perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte,
+                         "tokens": s.tokens} for domain, s in scores.items()}
+
+    def save_checkpoint(self, directory: Path, tag: str, state: dict) -> None:
+        """ZeRO-3 shards of every rank, optimizer and schedule, plus the loop's ``state``."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"fusion": state})
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Load the latest checkpoint in ``directory``; returns the loop's state saved with it."""
+        _, client_state = self.engine.load_checkpoint(str(directory))
+        return client_state["fusion"]
+
+    def save_pretrained(self, model_dir: Path, tokenizer, write: bool) -> None:
+        """Gather the shards (a collective: every trainer rank calls it) and, where ``write``, save the
+        target as a Hugging Face folder with ``tokenizer``."""
+        # What engine.save_16bit_model uses: gathers one module at a time onto rank 0 only.
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        if write:
+            prefix = "causal_lm."
+            state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            self.engine.module.causal_lm.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(model_dir)

@@ -1,0 +1,113 @@
+"""Fusion policies against hand-computed weights and choices (tiny tensors, no models)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion.config import FUSION_MODES, parse_config
+from fusion.policies import POLICIES, make_policy
+from fusion.sources.answer import SparseSoftLabels
+
+B, L, K = 3, 5, 2
+
+
+def config(mode: str, **selector):
+    return parse_config({"target": "t", "fusion": {"mode": mode}, "selector": selector,
+                         "sources": [{"name": name, "path": name} for name in "abc"]}, check_paths=False)
+
+
+def answers(nll_per_token: list[list[float]], nll_per_byte: list[list[float]]) -> list[SparseSoftLabels]:
+    """One answer per source with the given per-sequence scores (columns: sources; NaN: not answered)."""
+    result = []
+    for s in range(len(nll_per_token[0])):
+        answer = SparseSoftLabels.empty(B, L, K, torch.float32)
+        answer.nll_per_token[:] = torch.tensor([row[s] for row in nll_per_token])
+        answer.nll_per_byte[:] = torch.tensor([row[s] for row in nll_per_byte])
+        result.append(answer)
+    return result
+
+
+def make(mode: str, **selector):
+    return make_policy(config(mode, **selector), 3, vocab_size=17, device=torch.device("cpu"), seed=0,
+                       average_gradients=lambda grads: None)
+
+
+BATCH = {"input_ids": torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 1, 2, 3, 4]]),
+         "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1] * 5])}
+NAN = math.nan
+
+
+def test_every_mode_has_exactly_one_policy():
+    assert set(POLICIES) == set(FUSION_MODES)
+    assert all(POLICIES[mode].name == mode for mode in FUSION_MODES)
+
+
+def test_baselines_weigh_only_what_ran():
+    ran = torch.tensor([[True, True, False], [False, True, True], [True, False, False]])
+    per_token = [[2.0, 1.0, NAN], [NAN, 3.0, 0.5], [1.5, NAN, NAN]]
+    got = answers(per_token, per_token)
+    # all_uniform: 1/|A| over the sources that answered anything, then renormalised over each row's own.
+    assert make("all_uniform").weigh(BATCH, got, ran).tolist() == [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]
+    # min_ce: the lowest per-token CE among the row's answers.
+    assert make("min_ce").weigh(BATCH, got, ran).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    # avg_ce (FuseLLM's): softmax of exp(-CE) over the row's answers.
+    weights = make("avg_ce").weigh(BATCH, got, ran)
+    a, b = math.exp(math.exp(-2.0)), math.exp(math.exp(-1.0))
+    assert weights[0].tolist() == pytest.approx([a / (a + b), b / (a + b), 0.0])
+    assert weights[2].tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_every_available_source_is_asked_by_the_baselines_and_none_by_none():
+    available = torch.tensor([True, False, True])
+    for mode in ("all_uniform", "min_ce", "avg_ce", "scores"):
+        assert make(mode).choose(BATCH, available, step=1).tolist() == [[True, False, True]] * B
+    assert not make("none").choose(BATCH, available, step=1).any()
+
+
+def test_nothing_answered_means_no_weight_and_nothing_learnt():
+    ran = torch.zeros(B, 3, dtype=torch.bool)
+    empty = answers([[NAN] * 3] * B, [[NAN] * 3] * B)
+    for mode in ("all_uniform", "min_ce", "scores", "predictive"):
+        policy = make(mode)
+        before = {key: value.clone() for key, value in policy.state_dict().get("selector", {}).items()}
+        assert policy.weigh(BATCH, empty, ran).tolist() == [[0.0] * 3] * B
+        policy.learn(BATCH, empty, ran)
+        for key, value in policy.state_dict().get("selector", {}).items():
+            assert torch.equal(value, before[key]), (mode, key)
+
+
+def test_predictive_chooses_by_threshold_before_any_source_runs():
+    policy = make("predictive", tau=0.3, max_sources=2, exploration={"start": 0.0, "end": 0.0, "decay_steps": 1})
+    with torch.no_grad():
+        probs = policy.selector(BATCH["input_ids"], BATCH["attention_mask"]).softmax(-1)
+    chosen = policy.choose(BATCH, torch.ones(3, dtype=torch.bool), step=1)
+    for row in range(B):
+        order = probs[row].argsort(descending=True).tolist()
+        expected = {order[0]} | {s for rank, s in enumerate(order[:2]) if probs[row, s] > 0.3}
+        assert set(chosen[row].nonzero().flatten().tolist()) == expected
+
+
+def test_scores_gate_fuses_the_best_realised_source_when_sharp():
+    policy = make("scores", tau=0.5, max_sources=1, gate_temperature=0.01)
+    ran = torch.ones(B, 3, dtype=torch.bool)
+    per_byte = [[1.0, 0.5, 2.0], [0.9, 1.2, 0.3], [0.4, 0.6, 0.8]]
+    weights = policy.weigh(BATCH, answers(per_byte, per_byte), ran)
+    assert weights.argmax(1).tolist() == [1, 2, 0] and weights.sum(1).tolist() == pytest.approx([1.0] * B)
+    assert (weights > 0).sum(1).tolist() == [1, 1, 1]
+
+
+def test_gate_policies_learn_and_checkpoint_through_state_dict():
+    policy = make("predictive", target_temperature=0.1)
+    ran = torch.ones(B, 3, dtype=torch.bool)
+    per_byte = [[1.0, 0.5, 2.0]] * B
+    before = {key: value.clone() for key, value in policy.state_dict()["selector"].items()}
+    policy.learn(BATCH, answers(per_byte, per_byte), ran)
+    assert any(not torch.equal(value, before[key]) for key, value in policy.state_dict()["selector"].items())
+    assert policy.stats()["select/loss"] > 0
+    restored = make("predictive", target_temperature=0.1)
+    restored.load_state_dict(policy.state_dict())
+    for key, value in restored.state_dict()["selector"].items():
+        assert torch.equal(value, policy.state_dict()["selector"][key])
+    assert torch.equal(restored.generator.get_state(), policy.generator.get_state())
