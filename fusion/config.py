@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,10 +266,63 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_model_dir(key: str, path: str) -> None:
-    directory = Path(path)
-    _check(directory.is_dir(), f"{key}: model directory {path!r} does not exist; run `make assets` or fix the path")
-    _check((directory / "config.json").is_file(), f"{key}: {path!r} has no config.json; it must be a Hugging Face model directory (save_pretrained)")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Any one of these sets lets AutoTokenizer build a fast tokenizer without a hub.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_config(key: str, path: str) -> dict:
+    """The parsed ``config.json`` of the model folder named by config key ``key``.
+
+    Raises:
+        ConfigError: no such folder, no ``config.json``, or one that is not a JSON object.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: model directory {path!r} does not exist; run `make assets` or fix the path")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{key}: {path!r} has no config.json; it must be a Hugging Face model directory (save_pretrained)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{key}: {config_file} is not valid JSON ({error}); re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}: {config_file} is not a JSON object; re-save the model with save_pretrained")
+    return config
+
+
+def _find(config: dict, keys: tuple[str, ...]) -> int | None:
+    """The first of ``keys`` in the config or its ``text_config`` (multimodal wrappers), if any is an int."""
+    for section in (config, config.get("text_config") or {}):
+        for name in keys:
+            if isinstance(section.get(name), int):
+                return section[name]
+    return None
+
+
+def _check_model_dir(key: str, path: str, max_length: int, top_k: int | None = None) -> None:
+    """Check a model folder from its files alone, before any weights load: a readable ``config.json``,
+    weights, the files of a fast tokenizer, ``data.max_length`` within its context and (for a source,
+    ``top_k``) ``fusion.top_k`` within its vocabulary."""
+    config = model_config(key, path)
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"{key}: {path!r} has no weights (one of {', '.join(WEIGHT_FILES)}); "
+                          "save the model with save_pretrained into this folder")
+    if not any(all((folder / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        wanted = " or ".join("+".join(files) for files in TOKENIZER_FILES)
+        raise ConfigError(f"{key}: {path!r} has no tokenizer files ({wanted}); save the model's tokenizer with "
+                          "save_pretrained into the same folder")
+    vocab_size = _find(config, ("vocab_size",))
+    if top_k is not None and vocab_size is not None and top_k > vocab_size:
+        raise ConfigError(f"fusion.top_k: {top_k} exceeds the vocabulary of {key} ({path!r}: {vocab_size} tokens); "
+                          f"use at most {vocab_size}")
+    context = _find(config, CONTEXT_KEYS)
+    if context is not None and max_length > context:
+        raise ConfigError(f"data.max_length: {max_length} tokens exceed the context of {key} ({path!r}: {context}); "
+                          f"use at most {context}")
 
 
 def validate(config: Config, check_paths: bool = True) -> Config:
@@ -340,9 +394,9 @@ def validate(config: Config, check_paths: bool = True) -> Config:
                f"selector.min_sources: {selector.min_sources} exceeds the number of sources ({len(config.sources)})")
 
     if check_paths:
-        _check_model_dir("target", config.target)
+        _check_model_dir("target", config.target, config.data.max_length)
         for index, source in enumerate(config.sources):
-            _check_model_dir(f"sources[{index}].path", source.path)
+            _check_model_dir(f"sources[{index}].path", source.path, config.data.max_length, fusion.top_k)
         _check(Path(config.data.corpus).is_dir(),
                f"data.corpus: {config.data.corpus!r} does not exist; run `make assets` or point it at a datasets.save_to_disk folder")
         _check(Path(trainer.deepspeed_config).is_file(),
@@ -375,6 +429,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_path
     return parse_config(raw, overrides, check_paths=check_paths)
 
 
+def config_text(config: Config) -> str:
+    """The resolved config (defaults filled in) as YAML."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config (defaults filled in) next to the run's outputs."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config next to the run's outputs."""
+    Path(path).write_text(config_text(config))

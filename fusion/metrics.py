@@ -41,6 +41,12 @@ class MetricsLogger:
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
 
+    def text(self, tag: str, text: str) -> None:
+        """A text panel in TensorBoard (shown as Markdown: kept verbatim in a code block)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, "```\n" + text + "\n```", 0)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

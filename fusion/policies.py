@@ -165,7 +165,10 @@ class GatePolicy(FusionPolicy):
         # Replicated on every trainer rank: averaged gradients keep the replicas identical.
         self.average_gradients(parameter.grad for parameter in self.selector.parameters() if parameter.grad is not None)
         self.optimizer.step()
-        self._stats = {"select/loss": float(loss.detach()), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2)}
+        gate = gate_logits.detach().log_softmax(-1)
+        entropy = -(gate.exp() * gate).sum(-1).mean()  # nats; log(S) is a uniform gate
+        self._stats = {"select/loss": float(loss.detach()), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2),
+                       "select/gate_entropy": float(entropy)}
 
     def stats(self) -> dict[str, float]:
         return self._stats

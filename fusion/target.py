@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from pathlib import Path
 
 import deepspeed
@@ -98,19 +100,33 @@ class TargetModel:
         module = TrainModule(causal_lm, config.trainer.loss_chunk_size)
         deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+        self.seconds: Counter = Counter()  # training forward / backward / optimizer time since the last ``timings``
 
     def forward(self, batch: dict, target: FusedSoftTarget, lam: float, lm_normalizer, soft_normalizer):
         """``(loss, FusedLossStats)`` of one micro-batch (see :func:`fusion.loss.fused_lm_loss`)."""
         device = self.device
-        return self.engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
-                           target.indices.to(device), target.probs.to(device), target.valid.to(device), lam,
-                           lm_normalizer, soft_normalizer)
+        started = time.perf_counter()
+        try:
+            return self.engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+                               target.indices.to(device), target.probs.to(device), target.valid.to(device), lam,
+                               lm_normalizer, soft_normalizer)
+        finally:
+            self.seconds["forward"] += time.perf_counter() - started
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
+        started = time.perf_counter()
         # The loss is already normalised by the global token count: undo DeepSpeed's averaging
         # over data-parallel ranks and don't divide by the accumulation steps.
         self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        backward_done = time.perf_counter()
         self.engine.step()
+        self.seconds["backward"] += backward_done - started
+        self.seconds["optimizer"] += time.perf_counter() - backward_done
+
+    def timings(self) -> dict[str, float]:
+        """``perf/{forward,backward,optimizer}_s`` since the last call (this rank)."""
+        seconds, self.seconds = self.seconds, Counter()
+        return {f"perf/{name}_s": value for name, value in seconds.items()}
 
     @property
     def lr(self) -> float:
@@ -127,9 +143,11 @@ class TargetModel:
             return float(stats.lm_loss_sum), int(stats.lm_count)
 
         rows = {domain: eval_data.filter(lambda row: row["domain"] == domain) for domain in sorted(set(eval_data["domain"]))}
+        training_seconds = self.seconds.copy()  # evaluation is not training time
         self.engine.eval()
         scores = sharded_held_out(score, rows, collator, micro_batch_size, max_batches, dp_rank, dp_size, global_sum)
         self.engine.train()
+        self.seconds = training_seconds
         return {domain: {"loss": s.nll / s.tokens, "perplexity": s.perplexity, "bits_per_byte": s.bits_per_byte,
                          "tokens": s.tokens} for domain, s in scores.items()}
 

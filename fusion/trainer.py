@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusion.config import Config, ConfigError, save_config
+from fusion.config import Config, ConfigError, config_text, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
 from fusion.metrics import MetricsLogger, eval_scalars
 from fusion.policies import POLICIES, make_policy
 from fusion.routing import Routing
-from fusion.sources.base import close_and_summarise, counter_scalars
+from fusion.sources.base import close_and_summarise, counter_scalars, wait_scalars
 from fusion.sources.placement import open_sources
 from fusion.splits import run_chunks, run_tokenizers
 from fusion.target import TargetModel
@@ -81,6 +81,7 @@ class Trainer:
         if topology.is_logging_rank:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
+        self.metrics.text("config", config_text(config))
         # Chunks must fit max_length under every tokenizer that will read them.
         tokenizers = run_tokenizers(config)
         self.tokenizer = tokenizers[0]
@@ -169,18 +170,19 @@ class Trainer:
             self.metrics.scalars(0, eval_scalars(eval_before))
         progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
-            step_started = time.time()
+            step_started, waited = time.time(), [counters.waited for counters in self.sources.counters]
             step_loss, lm_loss, soft_loss, step_tokens = self._train_step(step, micro_batches, in_flight)
             tokens_seen += step_tokens
             losses.append(step_loss)
             step_seconds = time.time() - step_started
             step_times.append(round(step_seconds, 4))
+            perf = {"perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds, **self.target.timings(),
+                    **wait_scalars(self.sources, waited, step_seconds)}
             progress.set_postfix(loss=f"{step_loss:.3f}")
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 self.metrics.scalars(step, {
                     "loss/total": step_loss, "loss/lm": lm_loss, "loss/soft": soft_loss, "optim/lr": self.target.lr,
-                    "perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds,
-                    **self.policy.stats(), **self.routing.scalars(), **counter_scalars(self.sources)})
+                    **perf, **self.policy.stats(), **self.routing.scalars(), **counter_scalars(self.sources)})
                 self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.target.lr:.2e} {step_tokens / step_seconds:.0f} tok/s")
             if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
@@ -191,11 +193,11 @@ class Trainer:
         final_eval = self.evaluate()
         self.metrics.scalars(trainer.max_steps, eval_scalars(final_eval))
         model_dir = self.save_model()
-        window = min(5, len(losses))
-        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:window]) / window,
+        window, seconds = min(5, len(losses)), time.time() - started
+        sources = close_and_summarise(self.sources, self.topology.trainer_sum, seconds, self.topology.dp_size)
+        result = TrainResult(trainer.max_steps, tokens_seen, round(seconds, 1), sum(losses[:window]) / window,
                              sum(losses[-window:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
-                             close_and_summarise(self.sources, self.topology.trainer_sum), str(model_dir), str(self.metrics.log_dir),
-                             step_times)
+                             sources, str(model_dir), str(self.metrics.log_dir), step_times)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
         return result

@@ -101,14 +101,14 @@ def print_summary(result) -> None:
         print(f"  eval {domain:<12} perplexity {shown('perplexity', '8.2f')}  bits/byte {shown('bits_per_byte', '.3f')}")
     if result.sources:
         domains = list(result.routing)
-        print(f"\n  {'source':<24}{'requests':>9}{'sequences':>10}{'latency':>9}{'waited':>8}{'fail':>5}  "
+        print(f"\n  {'source':<24}{'requests':>9}{'sequences':>10}{'latency':>9}{'waited':>8}{'wait%':>6}{'fail':>5}  "
               + "".join(f"{domain[:11]:>12}" for domain in domains) + "   (selection rate per domain)")
         for name, entry in result.sources.items():
             latency = entry["compute_s"] / max(entry["requests"], 1)
             rates = "".join(f"{result.routing[domain][name]['selection_rate']:>12.2f}" for domain in domains)
             state = "  DOWN" if entry["down"] else ""
             print(f"  {name:<24}{entry['requests']:>9}{entry['sequences']:>10}{latency:>8.2f}s{entry['waited_s']:>7.1f}s"
-                  f"{entry['failures']:>5}  {rates}{state}")
+                  f"{100 * entry['wait_share']:>5.0f}%{entry['failures']:>5}  {rates}{state}")
     print(f"model:       {result.model_dir}")
     print(f"tensorboard: tensorboard --logdir {result.tensorboard_dir}")
 

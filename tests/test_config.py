@@ -9,6 +9,8 @@ from fusion.config import ConfigError, load_config, parse_config
 from experiments.local_runs import free_port
 from fusion.topology import LaunchEnv, TopologyError, plan_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def base(**sections):
     raw = {"target": "models/target", "trainer": {"lr": 1e-3}, "fusion": {"mode": "none"}}
@@ -95,13 +97,32 @@ def test_missing_paths_are_named(tmp_path):
     raw["target"] = str(tmp_path / "model")
     with pytest.raises(ConfigError, match=r"target: .* has no config.json"):
         parse_config(raw)
-    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"target: .*config.json is not valid JSON"):
+        parse_config(raw)
+    (tmp_path / "model" / "config.json").write_text('{"vocab_size": 5, "max_position_embeddings": 64}')
+    with pytest.raises(ConfigError, match=r"target: .* has no weights"):
+        parse_config(raw)
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"target: .* has no tokenizer files"):
+        parse_config(raw)
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data\.max_length: 128 tokens exceed the context of target .*: 64"):
+        parse_config(raw)
+    raw["data"]["max_length"] = 64
     with pytest.raises(ConfigError, match=r"data\.corpus: .* does not exist"):
         parse_config(raw)
     (tmp_path / "corpus").mkdir()
     raw["trainer"]["deepspeed_config"] = str(tmp_path / "zero9.json")
     with pytest.raises(ConfigError, match=r"trainer\.deepspeed_config: .*zero9.json.* does not exist"):
         parse_config(raw)
+    raw["trainer"]["deepspeed_config"] = str(ROOT / "ds_configs" / "zero3.json")
+    raw["fusion"] = {"mode": "all_uniform", "top_k": 6}
+    raw["sources"] = [{"name": "small", "path": str(tmp_path / "model")}]
+    with pytest.raises(ConfigError, match=r"fusion\.top_k: 6 exceeds the vocabulary of sources\[0\]\.path .*: 5 tokens"):
+        parse_config(raw)
+    raw["fusion"]["top_k"] = 5
+    assert parse_config(raw).fusion.top_k == 5
 
 
 def test_overrides_apply_in_order_and_are_validated():

@@ -157,11 +157,21 @@ def counter_scalars(sources: Sources) -> dict[str, float]:
     return scalars
 
 
-def close_and_summarise(sources: Sources, global_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """Close ``sources`` and sum their counters over every trainer rank (``global_sum`` all-reduces).
+def wait_scalars(sources: Sources, waited_before: list[float], seconds: float) -> dict[str, float]:
+    """The share of the last ``seconds`` this rank spent waiting on each source, and on all of them
+    (``waited_before``: each source's ``counters.waited`` when they began)."""
+    shares = {name: (counters.waited - before) / seconds
+              for name, counters, before in zip(sources.names, sources.counters, waited_before)}
+    return {"perf/wait_share": sum(shares.values()), **{f"perf/wait_share/{name}": share for name, share in shares.items()}}
 
-    Per source: what was asked and how long the trainer waited; what each remote replica reports
-    it served (``served``) and why a replica went down (``down_reasons``).
+
+def close_and_summarise(sources: Sources, global_sum: Callable[[torch.Tensor], torch.Tensor], seconds: float,
+                        ranks: int) -> dict:
+    """Close ``sources`` and sum their counters over the ``ranks`` trainer ranks (``global_sum`` all-reduces).
+
+    Per source: what was asked, how long the trainer waited and which share of the run's ``seconds``
+    that was (``wait_share``, averaged over ranks); what each remote replica reports it served
+    (``served``) and why a replica went down (``down_reasons``).
     """
     available = sources.available
     served = sources.close()
@@ -169,9 +179,10 @@ def close_and_summarise(sources: Sources, global_sum: Callable[[torch.Tensor], t
     for index, (name, counters) in enumerate(zip(sources.names, sources.counters)):
         local = torch.tensor([counters.requests, counters.sequences, counters.tokens, counters.seconds, counters.waited,
                               counters.failures])
-        requests, sequences, tokens, seconds, waited, failures = global_sum(local).tolist()
+        requests, sequences, tokens, compute, waited, failures = global_sum(local).tolist()
         summary[name] = {"requests": int(requests), "sequences": int(sequences), "tokens": int(tokens),
-                         "compute_s": round(seconds, 2), "waited_s": round(waited, 2), "failures": int(failures),
+                         "compute_s": round(compute, 2), "waited_s": round(waited, 2),
+                         "wait_share": round(waited / max(seconds * ranks, 1e-9), 4), "failures": int(failures),
                          "down": not bool(available[index]), "vocab_coverage": counters.coverage,
                          "down_reasons": sources.down_reasons[index]}
         if name in served:

@@ -28,6 +28,10 @@ from fusion.topology import Topology
 STOP_GRACE_S = 5.0  # how long a failing trainer waits for the sources to take its STOP
 
 
+class SourceFailed(RuntimeError):
+    """A source failed every request it was sent: a broken source, not a passing fault to train around."""
+
+
 class _LeaderLink:
     """Waits on one leader's messages in a thread of its own, so the trainer can give up on a hung
     source after a deadline without a gloo timeout (which would close every pair of the group).
@@ -110,6 +114,7 @@ class EngineSources:
         self.outstanding = [[0] * len(links) for links in self.links]
         self.counters = [SourceCounters() for _ in specs]
         self.down_reasons: list[dict[str, str]] = [{} for _ in specs]  # per source: replica -> why it went down
+        self.answered = [0] * len(specs)  # requests each source answered (counted on this rank)
         self.next_request_id = 0
         self.closed = False
 
@@ -250,8 +255,14 @@ class EngineSources:
                                              f"for (step {sent.step}, request {sent.request_id})")
             return None
         if header.kind == Kind.FAILED:
-            self._mark_down(source, replica, f"request {sent.request_id} failed at the source (see its log)")
+            reason = f"request {sent.request_id} (step {sent.step}) failed at the source (its traceback is in its log)"
+            if not self.answered[source]:
+                raise SourceFailed(f"source {self.names[source]!r} failed the first request it got, {reason}; training "
+                                   "without it would silently drop its labels, so the run stops: fix the source (see "
+                                   f"sources[{source}] in the config) and rerun")
+            self._mark_down(source, replica, reason)
             return None
+        self.answered[source] += 1
         counters.seconds += header.compute_us / 1e6
         answer = sent.answer
         return SparseSoftLabels(answer.indices, answer.logprobs, sent.valid.bool(), sent.nll[0], sent.nll[1])
