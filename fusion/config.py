@@ -20,8 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
-# The fusion modes, one ``fusion.policies`` class each (``fusion.policies.POLICIES``).
-FUSION_MODES = ("none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive")
+# The fusion modes, one ``fusion.policies`` class each (``fusion.policies.POLICIES``). The reference
+# policies route by the sources' known held-out quality (``fusion.ground_truth``): yardsticks for the
+# modes that cannot see it.
+REFERENCE_MODES = ("domain_oracle", "best_single", "static_top_k")
+FUSION_MODES = ("none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive", *REFERENCE_MODES)
 FusionMode = Literal[FUSION_MODES]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -54,6 +57,8 @@ class TopologyConfig:
     prefetch_steps: int = 1  # disaggregated: requests for step t+k go out while step t trains (k <= prefetch_steps)
     request_timeout_s: float = 300.0  # disaggregated: longest wait for one source reply before the source is marked down
     startup_timeout_s: float = 1800.0  # disaggregated: longest wait for a source group to load its model and say ready
+    collective_timeout_s: float = 600.0  # longest wait in one trainer collective: a hung trainer rank ends the run after it
+    finish_grace_s: float = 30.0  # after training, how long a source rank that has not stopped gets before it ends itself
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,9 @@ class FusionConfig:
     sharpen_temperature: float | None = None  # T_s: sharpen the gate weights by realised scores; null: no sharpening
     answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
     offline: bool = False  # read sources' answers from answers_dir instead of running the models
+    # Reference modes: `launch/evaluate.py --sources` JSON, the sources' held-out bits per byte per domain.
+    ground_truth: str | None = None
+    static_k: int = 2  # static_top_k: how many of the best sources (by mean held-out bpb) every sequence gets
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,28 @@ def _check_model_dir(key: str, path: str, max_length: int, top_k: int | None = N
                           f"use at most {context}")
 
 
+def read_ground_truth(path: str) -> dict[str, dict[str, float]]:
+    """``{source: {domain: bits per byte}}`` from a ``launch/evaluate.py`` JSON (``{"models": {name: {domain:
+    {"bits_per_byte": ...}}}}``); the pooled ``all`` row is left out.
+
+    Raises:
+        ConfigError: the file is missing or not of that shape.
+    """
+    try:
+        models = json.loads(Path(path).read_text())["models"]
+        return {name: {domain: float(row["bits_per_byte"]) for domain, row in domains.items() if domain != "all"}
+                for name, domains in models.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"fusion.ground_truth: {path!r} is not a launch/evaluate.py JSON ({type(error).__name__}: {error}); "
+                          "write it with `launch/evaluate.py --config <this config> --sources --out <file>`") from None
+
+
+def _check_ground_truth(path: str, sources: list[str]) -> None:
+    missing = sorted(set(sources) - set(read_ground_truth(path)))
+    _check(not missing, f"fusion.ground_truth: {path!r} has no scores of sources {missing}; evaluate them with "
+                        "`launch/evaluate.py --config <this config> --sources --out <file>`")
+
+
 def validate(config: Config, check_paths: bool = True) -> Config:
     """Check value ranges and cross-field rules; with ``check_paths`` also that files exist."""
     trainer, fusion, selector, topology = config.trainer, config.fusion, config.selector, config.topology
@@ -345,8 +375,12 @@ def validate(config: Config, check_paths: bool = True) -> Config:
         _check(value is None or value >= 1, f"data.{key}: must be >= 1 or null, got {value}")
     _check(topology.trainer_ranks >= 1, f"topology.trainer_ranks: must be >= 1, got {topology.trainer_ranks}")
     _check(topology.prefetch_steps >= 0, f"topology.prefetch_steps: must be >= 0 (0: no overlap), got {topology.prefetch_steps}")
-    for key in ("request_timeout_s", "startup_timeout_s"):
+    for key in ("request_timeout_s", "startup_timeout_s", "collective_timeout_s", "finish_grace_s"):
         _check(getattr(topology, key) > 0, f"topology.{key}: must be > 0 seconds, got {getattr(topology, key)}")
+    _check(fusion.static_k >= 1, f"fusion.static_k: must be >= 1, got {fusion.static_k}")
+    _check(fusion.mode not in REFERENCE_MODES or fusion.ground_truth is not None,
+           f"fusion.ground_truth: mode {fusion.mode!r} routes by the sources' held-out bpb; point it at the JSON of "
+           "`launch/evaluate.py --config <this config> --sources --out <file>`")
     _check(not (fusion.offline and topology.placement == "disaggregated"),
            "fusion.offline: offline answers are read by the trainer; use placement: colocated (no source ranks)")
 
@@ -399,6 +433,8 @@ def validate(config: Config, check_paths: bool = True) -> Config:
             _check_model_dir(f"sources[{index}].path", source.path, config.data.max_length, fusion.top_k)
         _check(Path(config.data.corpus).is_dir(),
                f"data.corpus: {config.data.corpus!r} does not exist; run `make assets` or point it at a datasets.save_to_disk folder")
+        if fusion.mode in REFERENCE_MODES:
+            _check_ground_truth(fusion.ground_truth, [source.name for source in config.sources])
         _check(Path(trainer.deepspeed_config).is_file(),
                f"trainer.deepspeed_config: {trainer.deepspeed_config!r} does not exist; use one of ds_configs/*.json")
     return config

@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from fusion.config import Config
+from fusion.config import Config, read_ground_truth
 from fusion.fusion_weights import chosen_weights, sharpen_weights
 from fusion.selection import SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
 from fusion.sources.answer import SparseSoftLabels
@@ -224,8 +224,66 @@ class Scores(GatePolicy):
         return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, 0.0, available_mask=ran.any(0))
 
 
+class ReferencePolicy(FusionPolicy):
+    """Routing by the sources' known held-out quality (``fusion.ground_truth``), with uniform weights over
+    the chosen sources that answered: what multi-teacher systems that route by dataset do. These policies
+    read the ground truth that ``predictive`` must learn, so they are yardsticks, not methods."""
+
+    def __init__(self, config: Config, num_sources: int, **_):
+        super().__init__(config, num_sources)
+        truth = read_ground_truth(config.fusion.ground_truth)
+        self.bpb = [truth[source.name] for source in config.sources]  # per source: domain -> bits per byte
+        self.mean_bpb = [sum(by_domain.values()) / max(len(by_domain), 1) for by_domain in self.bpb]
+
+    def _best(self, available: Tensor, count: int, domain: str | None = None) -> list[int]:
+        """The ``count`` best available sources on ``domain`` (by mean bpb where it was not measured)."""
+        def key(source: int) -> float:
+            return self.bpb[source].get(domain, self.mean_bpb[source]) if domain is not None else self.mean_bpb[source]
+        return sorted(available.nonzero().flatten().tolist(), key=key)[:count]
+
+    def _choose_for(self, available: Tensor, domain: str) -> list[int]:
+        raise NotImplementedError
+
+    def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
+        chosen = torch.zeros(batch["input_ids"].shape[0], available.shape[0], dtype=torch.bool)
+        for row, domain in enumerate(batch["domains"]):
+            chosen[row, self._choose_for(available, domain)] = True
+        return chosen
+
+    def _weigh(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        return chosen_weights(ran.float(), ran)
+
+
+class DomainOracle(ReferencePolicy):
+    """``domain_oracle``: each sequence goes to the source that is best on its domain."""
+
+    name = "domain_oracle"
+
+    def _choose_for(self, available: Tensor, domain: str) -> list[int]:
+        return self._best(available, 1, domain)
+
+
+class BestSingle(ReferencePolicy):
+    """``best_single``: one source, the best by mean held-out bpb, for every sequence."""
+
+    name = "best_single"
+
+    def _choose_for(self, available: Tensor, domain: str) -> list[int]:
+        return self._best(available, 1)
+
+
+class StaticTopK(ReferencePolicy):
+    """``static_top_k``: the ``fusion.static_k`` best sources by mean held-out bpb, for every sequence."""
+
+    name = "static_top_k"
+
+    def _choose_for(self, available: Tensor, domain: str) -> list[int]:
+        return self._best(available, self.config.fusion.static_k)
+
+
 POLICIES: dict[str, type[FusionPolicy]] = {policy.name: policy for policy in
-                                           (NoFusion, AllUniform, MinCE, AvgCE, Scores, Predictive)}
+                                           (NoFusion, AllUniform, MinCE, AvgCE, Scores, Predictive, DomainOracle,
+                                            BestSingle, StaticTopK)}
 
 
 def make_policy(config: Config, num_sources: int, **gate_arguments) -> FusionPolicy:

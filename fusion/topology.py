@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -33,6 +34,12 @@ import torch.distributed as dist
 from fusion.config import Config
 
 TRAINER = "trainer"
+
+
+# Store keys: each rank's "<host> <pid>", and the end of training.
+PROCESS_KEY = "process"
+FINISHED_KEY = "training/finished"
+FAILURES_KEY = "failures"
 
 
 class TopologyError(ValueError):
@@ -147,6 +154,7 @@ class Topology:
     exchange: "dist.ProcessGroup | None"
     replica_group: "dist.ProcessGroup | None"
     device: torch.device
+    store: "dist.Store"  # the run's store (hosted by global rank 0)
 
     @property
     def is_trainer(self) -> bool:
@@ -185,6 +193,35 @@ class Topology:
             dist.all_reduce(value, group=self.trainer_group)
         return value.cpu()
 
+    def announce_finished(self) -> None:
+        """Tell every rank that training is over (a rank that hangs can then end itself)."""
+        self.store.set(FINISHED_KEY, "1")
+
+    def run_finished(self) -> bool:
+        """Whether the trainer announced the end of training; raises RuntimeError once the store is gone."""
+        return self.store.check([FINISHED_KEY])
+
+    def first_failure(self) -> bool:
+        """Count a failure of this rank; True for the first rank of the run to fail (or when the store is
+        gone, so nothing is known), so that one line, not one per rank, tells the user the cause."""
+        try:
+            return self.store.add(FAILURES_KEY, 1) == 1
+        except RuntimeError:
+            return True
+
+    def local_processes(self) -> dict[int, int]:
+        """``{global rank: pid}`` of the other ranks on this host (each registered itself at start-up)."""
+        host = socket.gethostname()
+        processes = {}
+        for rank in range(self.plan.world_size):
+            key = f"{PROCESS_KEY}/{rank}"
+            if rank == self.global_rank or not self.store.check([key]):  # a rank that never started
+                continue
+            other_host, pid = self.store.get(key).decode().rsplit(" ", 1)
+            if other_host == host:
+                processes[rank] = int(pid)
+        return processes
+
     def trainer_mean_(self, tensors) -> None:
         """Average each of ``tensors`` over the trainer ranks, in place."""
         for tensor in tensors:
@@ -193,11 +230,14 @@ class Topology:
                 tensor /= self.dp_size
 
 
-def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float = 600.0) -> Topology:
+def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float = 600.0,
+                  trainer_timeout_s: float | None = None) -> Topology:
     """Open the role-local default world and the exchange group for this process.
 
-    Must run before ``init_deepspeed_comm``, whose ``deepspeed.init_distributed`` then reuses the
-    default world.
+    ``timeout_s`` bounds joining the run and the exchange group's waits; ``trainer_timeout_s``
+    (default ``timeout_s``) bounds every collective of the trainer's world, so a trainer rank that
+    hangs ends the run after that long. Must run before ``init_deepspeed_comm``, whose
+    ``deepspeed.init_distributed`` then reuses the default world.
     """
     if env.world_size != plan.world_size:
         raise TopologyError(f"WORLD_SIZE={env.world_size} but the plan needs {plan.world_size} ranks:\n{plan.diagram()}")
@@ -210,8 +250,10 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
     role_rank = role.ranks.index(env.rank)
     # One store for everything, next to MASTER_PORT so multi-node runs need no extra ports.
     store = dist.TCPStore(env.master_addr, env.master_port + 1, env.world_size, is_master=env.rank == 0, timeout=timeout)
+    store.set(f"{PROCESS_KEY}/{env.rank}", f"{socket.gethostname()} {os.getpid()}")
+    role_timeout = datetime.timedelta(seconds=trainer_timeout_s or timeout_s) if role.name == TRAINER else timeout
     dist.init_process_group(backend, store=dist.PrefixStore(f"role/{role.name}", store),
-                            rank=role_rank, world_size=len(role.ranks), timeout=timeout)
+                            rank=role_rank, world_size=len(role.ranks), timeout=role_timeout)
     # Libraries that read the launcher's variables must see the world they live in, the role's
     # (DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more).
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)), LOCAL_RANK=str(env.local_rank),
@@ -227,7 +269,7 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
             group = dist.new_group(members)
             if role_rank in members:
                 replica_group = group
-    return Topology(plan, env.rank, role, role_rank, exchange, replica_group, device)
+    return Topology(plan, env.rank, role, role_rank, exchange, replica_group, device, store)
 
 
 def init_deepspeed_comm(topology: Topology, backend: str) -> None:

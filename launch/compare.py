@@ -30,7 +30,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.local_runs import single_node_command  # noqa: E402
-from fusion.config import FUSION_MODES, ConfigError, apply_overrides, parse_config  # noqa: E402
+from fusion.config import FUSION_MODES, REFERENCE_MODES, ConfigError, apply_overrides, parse_config  # noqa: E402
+
+# The reference modes need --set fusion.ground_truth=<launch/evaluate.py --sources JSON>: asked for by name only.
+DEFAULT_MODES = [mode for mode in FUSION_MODES if mode not in REFERENCE_MODES]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one base key (repeatable)")
     parser.add_argument("--out", default="runs/compare", help="corpus, answers, runs and logs go here")
     parser.add_argument("--report-dir", default=None, help="where compare.md/json and the PNGs go (default: <out>/report)")
-    parser.add_argument("--modes", nargs="+", default=list(FUSION_MODES), choices=FUSION_MODES)
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=FUSION_MODES)
     parser.add_argument("--pools", nargs="*", default=["smollm2,code-gpt2", "smollm2,code-gpt2,bible-mistral"],
                         help="smaller source pools (comma-separated names); the full pool (every config source) is added")
     parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=FUSION_MODES,

@@ -9,15 +9,24 @@ The config is read and validated, and the world size checked against its topolog
 any process group opens or any model loads.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from fusion.config import ConfigError, load_config
 from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_deepspeed_comm, init_topology, plan_ranks, rank_plan,
                              shutdown)
+
+
+WATCH_S = 1.0  # how often a source rank looks for the end of training
+ERROR_GRACE_S = 2.0  # how long the other ranks wait before exiting on an error rank 0 reports
 
 
 def main() -> int:
@@ -39,7 +48,9 @@ def main() -> int:
         plan = plan_ranks(config, env.world_size)
     except (ConfigError, TopologyError) as error:
         if env.rank == 0:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        else:  # the launcher stops every rank once one exits: let rank 0 say why first
+            time.sleep(ERROR_GRACE_S)
         return 2
 
     local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -50,36 +61,88 @@ def main() -> int:
     from fusion.trainer import Trainer
 
     backend = default_backend()
-    topology = init_topology(plan, env, backend, timeout_s=config.topology.startup_timeout_s)
+    topology = init_topology(plan, env, backend, timeout_s=config.topology.startup_timeout_s,
+                             trainer_timeout_s=config.topology.collective_timeout_s)
     init_deepspeed_comm(topology, backend)
     if not topology.is_trainer:
-        return serve_source(SourceEngine(config, topology))
+        end_when_training_ends(topology, config.topology.finish_grace_s)
+        return serve_source(SourceEngine(config, topology), config)
     trainer = Trainer(config, topology)
     try:
         trainer.setup()
         result = trainer.train()
-    except ConfigError as error:  # found only once the data or models are open
+    except ConfigError as error:  # found only once the data or models are open: the same on every trainer rank
         if topology.is_logging_rank:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(ERROR_GRACE_S)
         return 2
     except Exception:
-        traceback.print_exc()
-        print(f"error: trainer rank {topology.dp_rank} failed (traceback above); the source groups were told to stop",
-              file=sys.stderr)
+        report_failure(topology, config, f"trainer rank {topology.dp_rank}", "the source groups were told to stop")
         return 1
     finally:
         trainer.cleanup()
+        if topology.is_logging_rank and len(topology.plan.roles) > 1:
+            release_source_ranks(topology)
         shutdown()
     if topology.is_logging_rank:
         print_summary(result)
     return 0
 
 
-def serve_source(engine) -> int:
+def end_when_training_ends(topology, grace_s: float) -> None:
+    """A source rank still running ``grace_s`` after training ended (hung, or stopped and continued)
+    ends itself: with 0 once the trainer said training is over, with 1 if the trainer vanished
+    without saying so. A source that stops normally exits long before."""
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_S)
+            try:
+                finished = topology.run_finished()
+            except RuntimeError:  # the store went with trainer rank 0
+                finished = None
+            if finished is not False:
+                time.sleep(grace_s)
+                print(f"source rank {topology.global_rank} ({topology.role.name}): training ended {grace_s:g} s ago and "
+                      "this rank had not stopped; it ends now", file=sys.stderr, flush=True)
+                os._exit(0 if finished else 1)
+
+    threading.Thread(target=watch, name="end-when-training-ends", daemon=True).start()
+
+
+def release_source_ranks(topology) -> None:
+    """Say training is over, and wake any stopped source process on this host so that it can end."""
+    topology.announce_finished()
+    for rank, pid in topology.local_processes().items():
+        if topology.plan.role_of(rank).name != topology.role.name:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
+    time.sleep(2 * WATCH_S)  # the store lives in this process: let every watcher read the news first
+
+
+def report_failure(topology, config, who: str, consequence: str) -> None:
+    """The failure being handled, as one line on stderr from the first rank of the run that failed, and
+    its traceback in ``<output_dir>/logs/error-rank<global rank>.txt`` of every failing rank."""
+    error = sys.exc_info()[1]
+    log = Path(config.run.output_dir) / "logs" / f"error-rank{topology.global_rank}.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(traceback.format_exc())
+    if topology.first_failure():
+        cause = (str(error).strip().splitlines() or [""])[0]
+        print(f"error: {who} failed: {type(error).__name__}: {cause} (traceback in {log}); {consequence}",
+              file=sys.stderr, flush=True)
+
+
+def serve_source(engine, config) -> int:
     """A source rank: load the model, serve until the trainer is done."""
+    topology = engine.topology
     try:
         engine.load()
         served = engine.run()
+    except Exception:
+        report_failure(topology, config, f"source rank {topology.global_rank} ({topology.role.name})",
+                       "its replica is lost to the run")
+        return 1
     finally:
         shutdown()
     if served is not None:

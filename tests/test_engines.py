@@ -116,7 +116,7 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
     sources = source_specs(tiny_sources) + [{"name": "hung", "path": str(tiny_sources[0]), "batch_size": 3}]
     steps = 16
     config = write_config(tmp_path, "failures", 1, tiny_target, tiny_corpus, sources=sources,
-                          topology={"placement": "disaggregated", "request_timeout_s": 5},
+                          topology={"placement": "disaggregated", "request_timeout_s": 5, "finish_grace_s": 5},
                           fusion={"mode": mode, "lam": 0.5}, max_steps=steps, **STEPS)
     processes = start_ranks(config, 4, tmp_path)  # trainer, bpe, wordpiece, hung
     trainer, _, wordpiece, hung = processes
@@ -130,6 +130,9 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
         hung.send_signal(signal.SIGSTOP)  # hangs: only the request timeout finds it
         assert trainer.wait(timeout=300) == 0, trainer_log.read_text()[-4000:]
         assert processes[1].wait(timeout=60) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
+        # The hung source ends too, once training is over: the run ends, and it ends well.
+        assert hung.wait(timeout=60) == 0, (tmp_path / "rank3.log").read_text()[-3000:]
+        assert "training ended 5 s ago" in (tmp_path / "rank3.log").read_text()
     finally:
         for process in processes:
             if process.poll() is None:
@@ -166,3 +169,24 @@ def test_a_failing_trainer_exits_non_zero_and_stops_the_sources(tmp_path, tiny_t
                 process.kill()
                 process.wait()
     assert "error: trainer rank 0 failed" in (tmp_path / "rank0.log").read_text()
+
+
+def test_a_hung_trainer_rank_ends_the_run_after_the_collective_timeout(tmp_path, tiny_target, tiny_corpus):
+    config = write_config(tmp_path, "hung-trainer", 2, tiny_target, tiny_corpus, topology={"collective_timeout_s": 10},
+                          max_steps=400, **STEPS)
+    first, second = start_ranks(config, 2, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 2/400" not in (tmp_path / "rank0.log").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        second.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert first.wait(timeout=120) == 1
+        assert time.monotonic() - stopped < 60
+        assert "error: trainer rank 0 failed" in (tmp_path / "rank0.log").read_text()
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -1,12 +1,13 @@
 """Fusion policies against hand-computed weights and choices (tiny tensors, no models)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from fusion.config import FUSION_MODES, parse_config
+from fusion.config import FUSION_MODES, ConfigError, parse_config, read_ground_truth
 from fusion.policies import POLICIES, make_policy
 from fusion.sources.answer import SparseSoftLabels
 
@@ -111,3 +112,38 @@ def test_gate_policies_learn_and_checkpoint_through_state_dict():
     for key, value in restored.state_dict()["selector"].items():
         assert torch.equal(value, policy.state_dict()["selector"][key])
     assert torch.equal(restored.generator.get_state(), policy.generator.get_state())
+
+
+def test_reference_policies_route_by_the_ground_truth(tmp_path):
+    # Held-out bpb per source and domain, as launch/evaluate.py --sources writes it.
+    truth = {"a": {"animals": 1.0, "colours": 3.0}, "b": {"animals": 2.0, "colours": 1.5}, "c": {"animals": 2.5, "colours": 2.5}}
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps({"models": {name: {d: {"bits_per_byte": v} for d, v in rows.items()} | {"all": {"bits_per_byte": 0.0}}
+                                           for name, rows in truth.items()}}))
+    batch = {**BATCH, "domains": ["animals", "colours", "numbers"]}
+    everyone = torch.ones(3, dtype=torch.bool)
+
+    def policy(mode, **fusion):
+        raw = {"target": "t", "fusion": {"mode": mode, "ground_truth": str(path), **fusion},
+               "sources": [{"name": name, "path": name} for name in "abc"]}
+        return make_policy(parse_config(raw, check_paths=False), 3)
+
+    # Means: a 2.0, b 1.75, c 2.5. An unmeasured domain ("numbers") falls back to the mean.
+    assert policy("domain_oracle").choose(batch, everyone, 1).tolist() == [[True, False, False], [False, True, False],
+                                                                          [False, True, False]]
+    assert policy("domain_oracle").choose(batch, torch.tensor([False, True, True]), 1)[0].tolist() == [False, True, False]
+    assert policy("best_single").choose(batch, everyone, 1).tolist() == [[False, True, False]] * B
+    assert policy("static_top_k").choose(batch, everyone, 1).tolist() == [[True, True, False]] * B
+    assert policy("static_top_k", static_k=3).choose(batch, everyone, 1).all()
+    ran = torch.tensor([[True, True, False], [False, True, False], [True, False, True]])
+    assert policy("static_top_k").weigh(batch, [], ran).tolist() == [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]
+
+
+def test_reference_modes_need_a_ground_truth(tmp_path):
+    raw = {"target": "t", "fusion": {"mode": "domain_oracle"}, "sources": [{"name": "a", "path": "a"}]}
+    with pytest.raises(ConfigError, match="fusion.ground_truth: mode 'domain_oracle' routes by"):
+        parse_config(raw, check_paths=False)
+    (tmp_path / "bad.json").write_text("[]")
+    raw["fusion"]["ground_truth"] = str(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="is not a launch/evaluate.py JSON"):
+        read_ground_truth(raw["fusion"]["ground_truth"])
