@@ -103,8 +103,9 @@ def end_when_training_ends(topology, grace_s: float) -> None:
                 finished = None
             if finished is not False:
                 time.sleep(grace_s)
-                print(f"source rank {topology.global_rank} ({topology.role.name}): training ended {grace_s:g} s ago and "
-                      "this rank had not stopped; it ends now", file=sys.stderr, flush=True)
+                news = "training ended" if finished else "the trainer vanished (its store closed)"
+                print(f"source rank {topology.global_rank} ({topology.role.name}): {news} {grace_s:g} s ago and this rank "
+                      "had not stopped; it ends now", file=sys.stderr, flush=True)
                 os._exit(0 if finished else 1)
 
     threading.Thread(target=watch, name="end-when-training-ends", daemon=True).start()

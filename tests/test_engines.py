@@ -130,9 +130,8 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
         hung.send_signal(signal.SIGSTOP)  # hangs: only the request timeout finds it
         assert trainer.wait(timeout=300) == 0, trainer_log.read_text()[-4000:]
         assert processes[1].wait(timeout=60) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
-        # The hung source ends too, once training is over: the run ends, and it ends well.
+        # The stopped source ends too, once training is over (the trainer wakes it): the run ends, and ends well.
         assert hung.wait(timeout=60) == 0, (tmp_path / "rank3.log").read_text()[-3000:]
-        assert "training ended 5 s ago" in (tmp_path / "rank3.log").read_text()
     finally:
         for process in processes:
             if process.poll() is None:

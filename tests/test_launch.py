@@ -2,7 +2,9 @@
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -47,3 +49,37 @@ def test_unknown_data_split_is_named_after_start(tmp_path, tiny_target, tiny_cor
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: data.eval_split / data.domains: split 'dev' is not in" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("news, code", [("finished", 0), ("store gone", 1)])
+def test_a_source_rank_that_never_stops_ends_itself_after_training(tmp_path, news, code):
+    """A source rank stuck where no message reaches it (here: sleeping) ends itself once the trainer says
+    training is over (exit 0), or once the trainer's store is gone without a word (exit 1)."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / "launch")!r})
+import train
+
+class Role:
+    name = "stuck"
+
+class Topology:
+    global_rank, role, started = 3, Role(), time.monotonic()
+
+    def run_finished(self):
+        if time.monotonic() - self.started < 1.0:
+            return False
+        if {news!r} == "store gone":
+            raise RuntimeError("Connection reset by peer")
+        return True
+
+train.end_when_training_ends(Topology(), grace_s=0.5)
+time.sleep(60)
+sys.exit(5)
+"""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    news = "training ended" if code == 0 else "the trainer vanished (its store closed)"
+    assert f"source rank 3 (stuck): {news} 0.5 s ago and this rank had not stopped" in result.stderr
