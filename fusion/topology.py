@@ -131,16 +131,19 @@ class LaunchEnv:
 
         try:
             local_size = first("LOCAL_SIZE", "LOCAL_WORLD_SIZE", default=None)
-            if local_size is None:
-                per_node = first("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=None)
-                local_size = slurm_tasks_per_node(per_node)[int(env.get("SLURM_NODEID", 0))] if per_node else 1
+            per_node = first("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=None)
+            if local_size is None and per_node is not None:
+                counts, node = slurm_tasks_per_node(per_node), int(env.get("SLURM_NODEID", 0))
+                if not 0 <= node < len(counts):
+                    raise ValueError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={per_node} has {len(counts)} node(s)")
+                local_size = counts[node]
             cpus = env.get("SLURM_CPUS_PER_TASK")
             return cls(rank=int(first("RANK", "SLURM_PROCID", default=0)),
                        world_size=int(first("WORLD_SIZE", "SLURM_NTASKS", default=1)),
                        local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default=0)),
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
-                       local_size=int(local_size), cpus_per_task=int(cpus) if cpus else None)
-        except (ValueError, IndexError) as error:
+                       local_size=int(local_size or 1), cpus_per_task=int(cpus) if cpus else None)
+        except ValueError as error:
             raise TopologyError(f"malformed launcher environment: {error}") from None
 
     def cpu_threads(self, cpu_count: int) -> int:
@@ -150,8 +153,8 @@ class LaunchEnv:
 
     def gpu_index(self, visible_gpus: int) -> int:
         """The CUDA device of this rank: its local rank when the node's GPUs are all visible
-        (deepspeed, a whole-node srun), 0 when the task sees a single GPU (``srun --gpus-per-task=1``:
-        every task's GPU is its ``cuda:0``).
+        (deepspeed, a whole-node srun), 0 when the task sees a single GPU (``srun --gpus-per-task=1``,
+        where every task's GPU is its ``cuda:0``; or ranks of different roles sharing a 1-GPU machine).
 
         Raises:
             TopologyError: more local ranks than visible GPUs.

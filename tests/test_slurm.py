@@ -47,7 +47,7 @@ def test_launch_env_under_srun_with_ntasks_alone_or_per_node():
     assert LaunchEnv.from_mapping({**task, "SLURM_CPUS_PER_TASK": "5"}).cpu_threads(48) == 5
     # deepspeed / torchrun inside an allocation: their own variables win.
     assert LaunchEnv.from_mapping({**task, "LOCAL_SIZE": "8"}).local_size == 8
-    with pytest.raises(TopologyError, match="malformed launcher environment"):
+    with pytest.raises(TopologyError, match="malformed launcher environment: SLURM_NODEID=3 but .* has 3 node"):
         LaunchEnv.from_mapping({**task, "SLURM_NODEID": "3"})
 
 
