@@ -180,9 +180,11 @@ def test_job_with_ntasks_alone_from_another_directory_completes(cluster, tmp_pat
 
 @pytest.mark.slurm
 def test_wrong_task_count_fails_fast_naming_the_count(cluster, tmp_path, tiny_target, tiny_sources, tiny_corpus):
+    """Also: the script given by a path relative to the submit directory still finds its repository."""
     config = tiny_run(tmp_path, "mismatch", tiny_target, tiny_sources, tiny_corpus, steps=4)
     started = time.monotonic()
-    job = submit(cluster, "--ntasks", 3, "--output", tmp_path / "job.out", SBATCH, tmp_path / "mismatch.yaml", cwd=tmp_path)
+    job = submit(cluster, "--ntasks", 3, "--chdir", tmp_path, "--output", tmp_path / "job.out",
+                 SBATCH.relative_to(ROOT / "launch"), "mismatch.yaml", cwd=ROOT / "launch")
     assert wait_job(cluster, job, timeout=120) == ("FAILED", "2:0")
     print(f"\njob {job} (3 tasks for 4 ranks): FAILED 2:0 in {time.monotonic() - started:.0f} s")
     assert "needs 4 ranks but this job has 3 tasks; submit with --ntasks 4" in (tmp_path / "job.out").read_text()
