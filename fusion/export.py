@@ -110,16 +110,16 @@ def fp32_state_dict(path: str | Path, tag: str | None = None) -> dict[str, torch
     return weights
 
 
-def run_target(checkpoint: str | Path) -> str:
-    """The target model of the run a checkpoint belongs to (``target`` in ``<output_dir>/config.yaml``).
+def run_target(checkpoints: str | Path) -> str:
+    """The target model of the run whose ``<output_dir>/checkpoints`` folder this is (``target`` in
+    ``<output_dir>/config.yaml``).
 
     Raises:
         CheckpointError: the run's config is not there.
     """
     from fusion.config import ConfigError, load_config
 
-    root, _ = resolve_checkpoint(checkpoint)
-    config_path = root.parent / "config.yaml"
+    config_path = Path(checkpoints).parent / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: no run config next to the checkpoint; pass --target <the target's HF folder>")
     try:

@@ -163,3 +163,16 @@ def test_missing_checkpoint_wrong_target_and_taken_output_are_named(runs, tmp_pa
     assert cli.main([str(checkpoints), "--out", str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'taken'}: exists and is not empty")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_an_older_tag_exports_when_latest_is_damaged(runs, tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(runs["checkpointed"] / "checkpoints", checkpoints)
+    shutil.copy(runs["checkpointed"] / "config.yaml", tmp_path / "config.yaml")
+    damage_latest_empty(checkpoints)
+    damage_truncated_shard(checkpoints)  # step3
+    assert load_cli().main([str(checkpoints), "--tag", "step2", "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    step2 = load_file(tmp_path / "out" / "model.safetensors")
+    step3 = load_file(runs["reference"] / "model" / "model.safetensors")
+    # One optimizer step apart, and neither is the other.
+    assert step2.keys() == step3.keys() and any(not torch.equal(step2[key], step3[key]) for key in step2)
