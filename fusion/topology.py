@@ -113,29 +113,74 @@ def rank_plan(config: Config) -> RankPlan:
 
 @dataclass(frozen=True)
 class LaunchEnv:
-    """What the launcher tells a process about itself (torchrun / deepspeed conventions)."""
+    """What the launcher tells a process about itself (torchrun / deepspeed / SLURM conventions).
+
+    ``local_size`` is the number of ranks on this node; ``cpus_per_task`` is SLURM's
+    ``--cpus-per-task`` (None when not given).
+    """
 
     rank: int
     world_size: int
     local_rank: int
     master_addr: str
     master_port: int
+    local_size: int = 1
+    cpus_per_task: int | None = None
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> "LaunchEnv":
-        """Read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (deepspeed, torchrun), else
-        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (one `srun` task per rank); a plain `python` run
-        is rank 0 of 1."""
+        """Read RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE / LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+        (deepspeed, torchrun), else SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and this node's entry of
+        SLURM_STEP_TASKS_PER_NODE (one `srun` task per rank, ``--ntasks`` alone or per node);
+        SLURM_CPUS_PER_TASK. A plain `python` run is rank 0 of 1."""
         def first(*names: str, default):
             return next((env[name] for name in names if name in env), default)
 
         try:
+            local_size = first("LOCAL_SIZE", "LOCAL_WORLD_SIZE", default=None)
+            per_node = first("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=None)
+            if local_size is None and per_node is not None:
+                counts, node = slurm_tasks_per_node(per_node), int(env.get("SLURM_NODEID", 0))
+                if not 0 <= node < len(counts):
+                    raise ValueError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={per_node} has {len(counts)} node(s)")
+                local_size = counts[node]
+            cpus = env.get("SLURM_CPUS_PER_TASK")
             return cls(rank=int(first("RANK", "SLURM_PROCID", default=0)),
                        world_size=int(first("WORLD_SIZE", "SLURM_NTASKS", default=1)),
                        local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default=0)),
-                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)))
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
+                       local_size=int(local_size or 1), cpus_per_task=int(cpus) if cpus else None)
         except ValueError as error:
             raise TopologyError(f"malformed launcher environment: {error}") from None
+
+    def cpu_threads(self, cpu_count: int) -> int:
+        """Torch CPU threads for this rank: SLURM's ``--cpus-per-task`` when given, else this node's
+        ``cpu_count`` CPUs shared by its ranks."""
+        return self.cpus_per_task or max(1, cpu_count // self.local_size)
+
+    def gpu_index(self, visible_gpus: int) -> int:
+        """The CUDA device of this rank: its local rank when the node's GPUs are all visible
+        (deepspeed, a whole-node srun), 0 when the task sees a single GPU (``srun --gpus-per-task=1``,
+        where every task's GPU is its ``cuda:0``; or ranks of different roles sharing a 1-GPU machine).
+
+        Raises:
+            TopologyError: more local ranks than visible GPUs.
+        """
+        if visible_gpus == 1:
+            return 0
+        if self.local_rank >= visible_gpus:
+            raise TopologyError(f"local rank {self.local_rank} but this process sees {visible_gpus} GPU(s) "
+                                "(CUDA_VISIBLE_DEVICES); start one rank per GPU, or give each task one GPU (--gpus-per-task=1)")
+        return self.local_rank
+
+
+def slurm_tasks_per_node(value: str) -> list[int]:
+    """SLURM's compressed task counts per node, ``"3(x2),1"`` -> ``[3, 3, 1]``."""
+    counts = []
+    for part in value.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -244,7 +289,7 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
     timeout = datetime.timedelta(seconds=timeout_s)
     device = torch.device("cpu")
     if backend == "nccl":
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", env.gpu_index(torch.cuda.device_count()))
         torch.cuda.set_device(device)
     role = plan.role_of(env.rank)
     role_rank = role.ranks.index(env.rank)
@@ -255,8 +300,10 @@ def init_topology(plan: RankPlan, env: LaunchEnv, backend: str, timeout_s: float
     dist.init_process_group(backend, store=dist.PrefixStore(f"role/{role.name}", store),
                             rank=role_rank, world_size=len(role.ranks), timeout=role_timeout)
     # Libraries that read the launcher's variables must see the world they live in, the role's
-    # (DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more).
-    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)), LOCAL_RANK=str(env.local_rank),
+    # (DeepSpeed's zero.Init refuses a 1-rank default world when WORLD_SIZE says more), and the
+    # GPU this rank uses (DeepSpeed's engine picks cuda:LOCAL_RANK).
+    local_rank = device.index if device.type == "cuda" else env.local_rank
+    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(len(role.ranks)), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     exchange = None
     if len(plan.roles) > 1:

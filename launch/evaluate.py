@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fusion.config import ConfigError, load_config
+from fusion.export import export_checkpoint, is_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,36 +51,6 @@ def model_arguments(values: list[str]) -> dict[str, str]:
             raise ValueError(f"--model: the name {name!r} is given twice; name them with NAME=PATH")
         models[name] = path
     return models
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """A DeepSpeed checkpoint folder (with ``latest``) or one tag folder of it (with model-state shards)."""
-    path = Path(path)
-    return (path / "latest").is_file() or any(path.glob("*model_states.pt"))
-
-
-def export_checkpoint(path: str | Path, base_model: str, out_dir: Path) -> Path:
-    """Gather a ZeRO checkpoint of a training run into ``base_model``'s architecture; save it as an HF folder.
-
-    Raises:
-        ValueError: the checkpoint's weights do not fit ``base_model`` (another target).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    root, tag = (path, None) if (path / "latest").is_file() else (path.parent, path.name)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    # The trainer's module holds the HF model as ``causal_lm`` (plus an alias of the LM-head weight).
-    weights = {key.removeprefix("causal_lm."): value for key, value in state.items() if key.startswith("causal_lm.")}
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"--model {path}: the checkpoint does not fit the config's target {base_model} ({error})") from None
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

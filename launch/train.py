@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus N launch/train.py --config configs/demo.yaml [--set trainer.lr=1e-4 ...]
     python launch/train.py --config configs/demo.yaml --world-size     # prints N
+    python launch/train.py --config configs/demo.yaml --output-dir     # prints run.output_dir
 
 Trainer ranks train; with ``placement: disaggregated`` the other ranks serve the sources.
 
@@ -36,14 +37,19 @@ def main() -> int:
                         help="override one config key, e.g. --set trainer.lr=1e-4 (repeatable)")
     parser.add_argument("--world-size", action="store_true",
                         help="print how many ranks the config's topology needs (for --num_gpus) and exit")
+    parser.add_argument("--output-dir", action="store_true",
+                        help="print the run's output_dir and exit (after --world-size when both are given)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
     env = LaunchEnv.from_mapping(os.environ)
     try:
         config = load_config(args.config, args.set)
-        if args.world_size:
-            print(rank_plan(config).world_size)
+        if args.world_size or args.output_dir:
+            if args.world_size:
+                print(rank_plan(config).world_size)
+            if args.output_dir:
+                print(config.run.output_dir)
             return 0
         plan = plan_ranks(config, env.world_size)
     except (ConfigError, TopologyError) as error:
@@ -53,8 +59,7 @@ def main() -> int:
             time.sleep(ERROR_GRACE_S)
         return 2
 
-    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    torch.set_num_threads(config.trainer.num_threads or max(1, (os.cpu_count() or 1) // local_ranks))
+    torch.set_num_threads(config.trainer.num_threads or env.cpu_threads(os.cpu_count() or 1))
 
     # Imported late: DeepSpeed and transformers take seconds to import, config errors should not wait.
     from fusion.sources.engine import SourceEngine
