@@ -1,4 +1,4 @@
-"""One logger for the run: console lines and TensorBoard scalars, written by the logging rank only.
+"""One logger for the run (console lines and TensorBoard, written by the logging rank only) and the run's result.
 
 Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``eval/<domain>/*``,
 ``select/*`` and ``source/<name>/*``.
@@ -6,11 +6,30 @@ Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``eval/<domain
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger("fusion")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did (``<output_dir>/result.json``)."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    first_loss: float  # mean of the first (up to) 5 steps
+    final_loss: float  # mean of the last (up to) 5 steps
+    eval: dict
+    eval_before: dict  # the same held-out metrics before this run's first step ({} when resumed)
+    routing: dict
+    sources: dict
+    model_dir: str
+    tensorboard_dir: str
+    step_seconds: list  # wall time of every step of this run
 
 
 def eval_scalars(evaluation: dict[str, dict]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from fusion.config import Config, ConfigError, config_text, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
-from fusion.metrics import MetricsLogger, eval_scalars
+from fusion.metrics import MetricsLogger, TrainResult, eval_scalars
 from fusion.policies import POLICIES, make_policy
 from fusion.routing import Routing
 from fusion.sources.base import close_and_summarise, counter_scalars, wait_scalars
@@ -47,20 +47,12 @@ class Dispatched(NamedTuple):
     ticket: object
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    steps: int
-    tokens: int
-    seconds: float
-    first_loss: float  # mean of the first (up to) 5 steps
-    final_loss: float  # mean of the last (up to) 5 steps
-    eval: dict
-    eval_before: dict  # the same held-out metrics before this run's first step ({} when resumed)
-    routing: dict
-    sources: dict
-    model_dir: str
-    tensorboard_dir: str
-    step_seconds: list  # wall time of every step of this run
+class Interrupted(Exception):
+    """Training stopped early on request, after saving a checkpoint at ``step`` in ``checkpoint_dir``."""
+
+    def __init__(self, step: int, checkpoint_dir: Path):
+        super().__init__(f"stopped on request after step {step}; checkpoint saved in {checkpoint_dir}")
+        self.step, self.checkpoint_dir = step, checkpoint_dir
 
 
 class Trainer:
@@ -74,6 +66,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.metrics = MetricsLogger(self.output_dir / "tensorboard", enabled=topology.is_logging_rank)
         self.sources = None
+        self.stop_requested = False  # set from a signal handler: checkpoint and stop at the next step boundary
 
     def setup(self) -> None:
         config, topology, data = self.config, self.topology, self.config.data
@@ -185,6 +178,9 @@ class Trainer:
                     **perf, **self.policy.stats(), **self.routing.scalars(), **counter_scalars(self.sources)})
                 self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.target.lr:.2e} {step_tokens / step_seconds:.0f} tok/s")
+            if step != trainer.max_steps and self.topology.trainer_sum(torch.tensor([float(self.stop_requested)])) > 0:
+                self._save_checkpoint(step, in_flight)  # every trainer rank was asked, or one was: all stop here
+                raise Interrupted(step, self.checkpoint_dir)
             if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
                 self._save_checkpoint(step, in_flight)
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:

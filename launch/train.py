@@ -28,6 +28,8 @@ from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_dee
 
 WATCH_S = 1.0  # how often a source rank looks for the end of training
 ERROR_GRACE_S = 2.0  # how long the other ranks wait before exiting on an error rank 0 reports
+STOP_SIGNAL = signal.SIGUSR1  # checkpoint and stop at the next step boundary
+INTERRUPTED = 3  # exit code of a run stopped on request with its checkpoint saved (rerun to resume)
 
 
 def main() -> int:
@@ -63,8 +65,11 @@ def main() -> int:
 
     # Imported late: DeepSpeed and transformers take seconds to import, config errors should not wait.
     from fusion.sources.engine import SourceEngine
-    from fusion.trainer import Trainer
+    from fusion.trainer import Interrupted, Trainer
 
+    # SIGUSR1 (e.g. `sbatch --signal=USR1@300` before the time limit) asks the trainer to checkpoint and stop;
+    # it would end a source rank, which has nothing to save.
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
     backend = default_backend()
     topology = init_topology(plan, env, backend, timeout_s=config.topology.startup_timeout_s,
                              trainer_timeout_s=config.topology.collective_timeout_s)
@@ -73,9 +78,14 @@ def main() -> int:
         end_when_training_ends(topology, config.topology.finish_grace_s)
         return serve_source(SourceEngine(config, topology), config)
     trainer = Trainer(config, topology)
+    signal.signal(STOP_SIGNAL, lambda *_: setattr(trainer, "stop_requested", True))
     try:
         trainer.setup()
         result = trainer.train()
+    except Interrupted as stopped:
+        if topology.is_logging_rank:
+            print(f"interrupted: {stopped}; run the same command again to resume", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except ConfigError as error:  # found only once the data or models are open: the same on every trainer rank
         if topology.is_logging_rank:
             print(f"error: {error}", file=sys.stderr, flush=True)

@@ -189,3 +189,33 @@ def test_a_hung_trainer_rank_ends_the_run_after_the_collective_timeout(tmp_path,
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops_then_the_same_command_resumes(tmp_path, tiny_target, tiny_corpus):
+    config = write_config(tmp_path, "interrupted", 2, tiny_target, tiny_corpus, max_steps=400, **STEPS)
+    first, second = start_ranks(config, 2, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 3/400" not in (tmp_path / "rank0.log").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        second.send_signal(signal.SIGUSR1)  # one rank is asked: both stop at the same step
+        assert first.wait(timeout=120) == 3 and second.wait(timeout=120) == 3, (tmp_path / "rank0.log").read_text()[-3000:]
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    log = (tmp_path / "rank0.log").read_text()
+    assert "interrupted: stopped on request after step" in log and "run the same command again to resume" in log
+    step = int(log.split("stopped on request after step ")[1].split(";")[0])
+    assert 3 <= step < 400
+    output_dir = tmp_path / "interrupted"
+    assert (output_dir / "checkpoints" / "latest").read_text().strip() == f"step{step}"
+    assert not (output_dir / "result.json").exists()
+    # The same command resumes from there (a short remainder: fewer steps to go).
+    resumed = write_config(tmp_path, "interrupted", 2, tiny_target, tiny_corpus, max_steps=step + 2, **STEPS)
+    for process in start_ranks(resumed, 2, tmp_path):
+        assert process.wait(timeout=300) == 0, (tmp_path / "rank0.log").read_text()[-3000:]
+    assert f"resumed from {output_dir / 'checkpoints'} at step {step}" in (tmp_path / "rank0.log").read_text()
+    assert json.loads((output_dir / "result.json").read_text())["steps"] == step + 2
