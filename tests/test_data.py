@@ -223,7 +223,7 @@ def test_build_chunked_split(gpt2):
     assert "".join(t for t, d in zip(chunked["text"], chunked["domain"]) if d == "a") == ("one two three " * 20).strip()
     assert chunked["text"][-1] == "four" and report.skipped == {"none": 1}
     unlabelled, _ = build_chunked_split(split.remove_columns(["domain"]), [gpt2], 13)
-    assert set(unlabelled["domain"]) == {""}
+    assert set(unlabelled["domain"]) == {"all"}
     with pytest.raises(KeyError, match="'text'"):
         build_chunked_split(split.rename_column("text", "body"), [gpt2], 13)
 
@@ -322,4 +322,4 @@ def test_drop_last_leaves_out_the_remainder_and_resume_skips():
 
 def test_report_defaults_are_empty():
     report = DataReport()
-    assert report.to_dict() == {"rows": 0, "documents": 0, "chunks": 0, "characters": 0, "skipped": {}, "word_cuts": 0, "replans": 0}
+    assert report.to_dict() == {"rows": 0, "documents": 0, "chunks": 0, "characters": 0, "skipped": {}, "word_cuts": 0, "replans": 0, "capped_rows": 0}
