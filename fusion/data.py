@@ -901,28 +901,31 @@ def _checked_labels(labels: list, domain_field: str) -> list:
 
 
 def _json_rows(file: Path) -> Iterator[tuple[int, dict]]:
-    """(line or item number, row) of a JSON Lines file, or of a JSON file holding a list of rows."""
+    """(line or item number, row) of a JSON Lines file, or of a ``.json`` file holding a list of rows."""
     with file.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
-        start = handle.read(4096).lstrip()[:1]
+        whole = file.suffix.lower() == ".json" and handle.read(4096).lstrip()[:1] == "["
         handle.seek(0)
-        if start == "[":
+        if whole:
             try:
-                rows = json.load(handle)
+                numbered = enumerate(json.load(handle), 1)
             except json.JSONDecodeError as error:
                 raise ConfigError(f"data.corpus: {str(file)!r} line {error.lineno}: not valid JSON ({error.msg}); fix the file") from None
-            numbered = enumerate(rows, 1)
         else:
-            numbered = ((number, line) for number, line in enumerate(handle, 1) if line.strip())
+            numbered = _json_lines(file, handle)
         for number, row in numbered:
-            if isinstance(row, str):
-                try:
-                    row = json.loads(row)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"data.corpus: {str(file)!r} line {number}: not valid JSON ({error.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise ConfigError(f"data.corpus: {str(file)!r} row {number} is a {type(row).__name__}, not an object of fields; "
                                   "write one JSON object per row, e.g. {\"text\": \"...\"}")
             yield number, row
+
+
+def _json_lines(file: Path, handle) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(handle, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"data.corpus: {str(file)!r} line {number}: not valid JSON ({error.msg}); fix or remove that line") from None
 
 
 def _csv_rows(file: Path) -> Iterator[tuple[int, dict]]:
