@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -536,7 +535,13 @@ class _ChunkPlanner:
         low = int(np.searchsorted(positions, first_word, side="right"))
         high = max(int(np.searchsorted(positions, limit, side="right")), low)
         if high > low:
-            return _best_break(positions[low:high], levels[low:high], start + (limit - start) / 2)
+            window_positions, window_levels = positions[low:high], levels[low:high]
+            half = start + (limit - start) / 2
+            for level in (2, 1):
+                preferred = np.flatnonzero((window_levels >= level) & (window_positions > half))
+                if len(preferred):
+                    return int(window_positions[preferred[-1]])
+            return int(window_positions[-1])
         # No word start fits the plan: keep the whole word if it fits after all, else cut it.
         following = int(positions[high]) if high < len(positions) else len(document)
         if self._may_fit(index, start, following) and not self._excess([document[start:following]])[0].any():
@@ -566,16 +571,6 @@ class _ChunkPlanner:
 def window_chars(max_length: int) -> int:
     """Characters per tokenisation window of the chunk plan (see the module docstring)."""
     return max(_MIN_WINDOW_CHARS, _WINDOW_CHARS_PER_TOKEN * max_length)
-
-
-def _best_break(positions: np.ndarray, levels: np.ndarray, half: float) -> int:
-    """The last word start of ``positions`` (non-empty) after ``half`` at a blank line, else at a line
-    break, else the last one: the preferred end of a chunk or window."""
-    for level in (2, 1):
-        preferred = np.flatnonzero((levels >= level) & (positions > half))
-        if len(preferred):
-            return int(positions[preferred[-1]])
-    return int(positions[-1])
 
 
 def _windows(document: str, word_starts: np.ndarray, cap: int) -> tuple[list[tuple[int, int]], bool]:
@@ -731,7 +726,9 @@ def read_split(
             f"so only data.train_split ({train_split!r}) and data.eval_split ({eval_split!r}, carved out of it) exist"
         )
     if not carved and split_name not in opened:
-        raise KeyError(f"split {split_name!r} is not in {corpus_dir} (it has {sorted(opened)})")
+        hint = (f"; name one of them, or keep only {train_split!r} in the corpus to have {split_name!r} carved out of it"
+                if split_name == eval_split else "")
+        raise KeyError(f"split {split_name!r} is not in {corpus_dir} (it has {sorted(opened)}){hint}")
     source = next(iter(opened.values())) if carved else opened[split_name]
     text_field, domain_field = _resolve_fields(corpus_dir, [source], text_field, domain_field)
     texts, labels = _read_source(source, text_field, domain_field)
