@@ -241,7 +241,9 @@ def test_bad_inputs_name_the_key_and_the_fix(tmp_path, tokenizers):
 def test_config_checks_the_corpus_before_anything_loads(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"vocab_size": 50, "max_position_embeddings": 128}')
+    (model / "model.safetensors").write_bytes(b"")  # the config check reads no weights
+    (model / "tokenizer.json").write_text("{}")
     corpus = str(_write("csv", _rows(labelled=True), tmp_path / "corpus"))
     raw = {"target": str(model), "data": {"corpus": corpus, "text_field": "body", "domain_field": "topic"},
            "trainer": {"deepspeed_config": str(REPO / "ds_configs" / "zero3.json")}}
