@@ -209,6 +209,11 @@ def test_bad_inputs_name_the_key_and_the_fix(tmp_path, tokenizers):
     (mixed / "a.jsonl").write_text('{"text": "x"}\n')
     (mixed / "b.csv").write_text("text\nx\n")
     cases.append((lambda: check_corpus(str(mixed)), r"^data\.corpus: folder .* mixes csv and json files"))
+    partly = tmp_path / "partly"
+    partly.mkdir()
+    (partly / "a.jsonl").write_text('{"text": "x", "domain": "news"}\n')
+    (partly / "b.jsonl").write_text('{"text": "y"}\n')
+    cases.append((lambda: check_corpus(str(partly)), r"^data\.domain_field: .*a\.jsonl' has a 'domain' field but .*b\.jsonl' has none"))
     cases.append((lambda: check_corpus(good), r"^data\.text_field: .* has no field 'text' \(it has \['body', 'topic'\]\); set data\.text_field"))
     cases.append((lambda: check_corpus(good, "body", "domain"), r"^data\.domain_field: .* has no field 'domain'"))
     texts = _write("text", rows, tmp_path / "texts")
