@@ -446,6 +446,8 @@ class _ChunkPlanner:
         self.max_length = max_length
         self.report = report
         self.candidates = [_word_starts(document) for document in documents]
+        # Per document and tokenizer: tokens every chunk holds back (see plan).
+        self.slack = np.zeros((len(documents), len(tokenizers)), dtype=np.int64)
         cap = window_chars(max_length)
         windows = []  # (document, start, end)
         for index, document in enumerate(documents):
@@ -473,10 +475,14 @@ class _ChunkPlanner:
         Each round plans up to _CHUNKS_PER_ROUND chunks per unfinished document and verifies them
         in one batched call per tokenizer. A chunk that does not fit is planned again, holding
         back as many tokens as it overflowed by; the chunks planned after it are dropped, so a
-        failure costs at most one round's chunks of its document.
+        failure costs at most one round's chunks of its document. The document's later chunks
+        hold back that many tokens too (at most 1/32 of the budget): where chunks re-tokenise
+        longer alone than inside the document (a SentencePiece word marker at a cut inside a
+        word), every other chunk would fail otherwise.
         """
         accepted = [[] for _ in self.documents]
         fresh = np.zeros(len(self.tokenizers), dtype=np.int64)
+        most_slack = np.maximum(1, self.budgets // 32)
         # document -> (start of its first unverified chunk, tokens to hold back for that chunk)
         pending = {index: (0, fresh) for index in range(len(self.documents))}
         while pending:
@@ -492,7 +498,11 @@ class _ChunkPlanner:
                     self._check_shortest(index, start, end, excess[offset + failed[0]])
                     self.report.replans += 1
                     held_back = pending[index][1] if start == pending[index][0] else fresh
-                    next_pending[index] = (start, held_back + excess[offset + failed[0]])
+                    overflow = excess[offset + failed[0]]
+                    slack = np.maximum(self.slack[index], np.minimum(overflow, most_slack))
+                    # This chunk holds back the overflow once: in the slack, the rest in held_back.
+                    next_pending[index] = (start, held_back + overflow - (slack - self.slack[index]))
+                    self.slack[index] = slack
                 elif good[-1][1] < len(self.documents[index]):
                     next_pending[index] = (good[-1][1], fresh)
                 offset += len(spans)
@@ -510,7 +520,7 @@ class _ChunkPlanner:
     def _plan_from(self, index: int, start: int, held_back: np.ndarray) -> list[tuple[int, int]]:
         spans = []
         while start < len(self.documents[index]) and len(spans) < _CHUNKS_PER_ROUND:
-            end = self._chunk_end(index, start, self.budgets - held_back)
+            end = self._chunk_end(index, start, self.budgets - self.slack[index] - held_back)
             spans.append((start, end))
             start, held_back = end, 0
         return spans
