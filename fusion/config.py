@@ -63,7 +63,11 @@ class TopologyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # A file or folder: JSON Lines / JSON, Parquet, CSV or text files, or a datasets save_to_disk
+    # Dataset / DatasetDict (fusion.data). Without an eval split, one is carved out of the rows.
     corpus: str = "assets/corpus"
+    text_field: str = "text"
+    domain_field: str | None = None  # None: "domain" when the corpus has it, else one domain "all"
     train_split: str = "train"
     eval_split: str = "validation"
     max_length: int = 128
@@ -373,6 +377,11 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     for key in ("max_train_chunks", "max_eval_chunks"):
         value = getattr(config.data, key)
         _check(value is None or value >= 1, f"data.{key}: must be >= 1 or null, got {value}")
+    data = config.data
+    _check(bool(data.text_field), "data.text_field: must name the field holding the text, got ''")
+    _check(data.domain_field != "", "data.domain_field: must name a field, or be null (a 'domain' field if there is one, else one domain)")
+    _check(data.domain_field != data.text_field, f"data.domain_field: {data.domain_field!r} is also data.text_field; name the field holding the domain label")
+    _check(data.eval_split != data.train_split, f"data.eval_split: {data.eval_split!r} is also data.train_split; name another split (it is carved out of the corpus when missing)")
     _check(topology.trainer_ranks >= 1, f"topology.trainer_ranks: must be >= 1, got {topology.trainer_ranks}")
     _check(topology.prefetch_steps >= 0, f"topology.prefetch_steps: must be >= 0 (0: no overlap), got {topology.prefetch_steps}")
     for key in ("request_timeout_s", "startup_timeout_s", "collective_timeout_s", "finish_grace_s"):
@@ -431,12 +440,16 @@ def validate(config: Config, check_paths: bool = True) -> Config:
         _check_model_dir("target", config.target, config.data.max_length)
         for index, source in enumerate(config.sources):
             _check_model_dir(f"sources[{index}].path", source.path, config.data.max_length, fusion.top_k)
-        _check(Path(config.data.corpus).is_dir(),
-               f"data.corpus: {config.data.corpus!r} does not exist; run `make assets` or point it at a datasets.save_to_disk folder")
+        _check(Path(config.data.corpus).exists(),
+               f"data.corpus: {config.data.corpus!r} does not exist; run `make assets` or point it at your corpus "
+               "(.jsonl/.json, .parquet, .csv or .txt files, a folder of them, or a datasets save_to_disk folder)")
         if fusion.mode in REFERENCE_MODES:
             _check_ground_truth(fusion.ground_truth, [source.name for source in config.sources])
         _check(Path(trainer.deepspeed_config).is_file(),
                f"trainer.deepspeed_config: {trainer.deepspeed_config!r} does not exist; use one of ds_configs/*.json")
+        from fusion.data import check_corpus  # here: it imports datasets and torch, which config parsing alone needs not
+
+        check_corpus(config.data.corpus, config.data.text_field, config.data.domain_field)
     return config
 
 

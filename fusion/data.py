@@ -12,9 +12,24 @@ exactly its stripped text. A chunk ends just before the start of a word, so it k
 whitespace that follows its last word; blank lines are preferred over line breaks, line breaks
 over spaces, as long as the chunk stays at least half as long as it may be. A word is cut only
 when it alone (with the whitespace after it) does not fit.
+
+Long and pathological rows: the offset-carrying tokenisation that plans the cuts runs over
+windows of at most ``window_chars(max_length)`` characters, cut at word starts (the plan is
+checked exactly anyway); a run of more characters than that without a word start (one huge
+"word": a base64 blob, CJK text without spaces) is cut at the window's end, and its row counted
+in ``DataReport.capped_rows``. A word is re-tokenised alone (to see whether it fits after all)
+only when the plan's tokens say it might. Together these keep chunking linear in the length of a
+row, whatever the script.
+
+Corpora (``load_chunked_split``): JSON Lines / JSON, Parquet, CSV and plain-text files, a folder
+of them, or a ``datasets`` ``save_to_disk`` Dataset or DatasetDict. The text comes from one field
+(``data.text_field``), the domain label from another (``data.domain_field``; by default
+``domain`` when the corpus has it, else every row is in the domain ``all``). A corpus without an
+eval split gets one carved out of its rows: see ``held_out_rows``.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
@@ -25,16 +40,23 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import PreTrainedTokenizerBase
+
+from fusion.config import ConfigError
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds, and config checks import this module
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 # Bump when chunk boundaries change, so chunked splits cached by build_chunked_split are redone.
-CHUNKING_VERSION = 1
+# 2: documents planned in windows (window_chars), "all" as the domain of unlabelled rows.
+CHUNKING_VERSION = 2
 _REPORT_NAME = "chunk_report.json"
 # Chunks planned per document before they are verified: bounds the work a failed chunk wastes.
 _CHUNKS_PER_ROUND = 32
@@ -44,6 +66,18 @@ MIN_CONTENT_TOKENS = 8
 # Lookup table: is code point c whitespace (str.isspace)? The last one is U+3000, so every code
 # point above maps to the final False entry.
 _IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)] + [False])
+# Tokenisation window of the plan, in characters per token of max_length, and at least
+# _MIN_WINDOW_CHARS: far more characters than one chunk ever holds, so windows hardly move cuts.
+_WINDOW_CHARS_PER_TOKEN = 64
+_MIN_WINDOW_CHARS = 1 << 16
+# Characters planned together (documents) and tokenised in one batched call (windows): bounds memory.
+_GROUP_CHARS = 1 << 21
+# A word is re-tokenised on its own to see whether it fits only when the document's tokenisation
+# gives it at most this many times the budget (plus MIN_CONTENT_TOKENS): re-tokenising a huge
+# word for every chunk cut out of it made chunking quadratic.
+_WORD_RECHECK_FACTOR = 2
+# Domain of every row of a corpus without domain labels.
+UNLABELLED_DOMAIN = "all"
 
 
 @dataclass
@@ -58,9 +92,11 @@ class DataReport:
         skipped: reason -> rows dropped: "none" (text is None), "nan" (a float NaN, as pandas
             writes missing text), "not_str" (any other non-str), "empty" (empty or whitespace
             only), "bad_unicode" (lone surrogates, which no tokenizer accepts), "bad_domain" (the row's
-            domain is not a str).
+            domain is not a str, or not valid Unicode).
         word_cuts: chunk ends inside a word (one word longer than the limit).
         replans: planned chunks that re-tokenised longer than the plan and were planned again.
+        capped_rows: rows holding a run of more than ``window_chars(max_length)`` characters
+            without whitespace, cut at the window's end before planning (see the module docstring).
     """
 
     rows: int = 0
@@ -70,6 +106,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     word_cuts: int = 0
     replans: int = 0
+    capped_rows: int = 0
 
     def merge(self, other: DataReport) -> DataReport:
         return DataReport(
@@ -80,6 +117,7 @@ class DataReport:
             skipped=self.skipped + other.skipped,
             word_cuts=self.word_cuts + other.word_cuts,
             replans=self.replans + other.replans,
+            capped_rows=self.capped_rows + other.capped_rows,
         )
 
     @classmethod
@@ -95,6 +133,7 @@ class DataReport:
             "skipped": dict(sorted(self.skipped.items())),
             "word_cuts": self.word_cuts,
             "replans": self.replans,
+            "capped_rows": self.capped_rows,
         }
 
 
@@ -112,7 +151,8 @@ def chunk_documents(
     Args:
         texts: documents; rows that are None, NaN, not str, whitespace only, or hold lone
             surrogates are skipped and counted in the report (``DataReport.skipped``).
-        domains: one label per text, or None for an unlabelled corpus (chunks get domain "").
+        domains: one label per text, or None for an unlabelled corpus (chunks get domain
+            UNLABELLED_DOMAIN, ``all``).
         tokenizers: fast (Rust-backed) tokenizers, e.g. the target's and every source's.
         max_length: token limit per chunk.
 
@@ -133,7 +173,7 @@ def chunk_documents(
     report = DataReport(rows=len(texts))
     documents, document_domains = [], []
     for index, text in enumerate(texts):
-        domain = "" if domains is None else domains[index]
+        domain = UNLABELLED_DOMAIN if domains is None else domains[index]
         reason = _skip_reason(text, domain)
         if reason is not None:
             report.skipped[reason] += 1
@@ -142,9 +182,12 @@ def chunk_documents(
         document_domains.append(domain)
     report.documents = len(documents)
 
-    spans = _ChunkPlanner(documents, tokenizers, budgets, max_length, report).plan()
+    spans = []
+    for low, high in _batches([len(document) for document in documents], _GROUP_CHARS):
+        spans += _ChunkPlanner(documents[low:high], tokenizers, budgets, max_length, report).plan()
     chunks, chunk_domains = [], []
     for document, domain, document_spans in zip(documents, document_domains, spans):
+        report.word_cuts += sum(1 for _, end in document_spans[:-1] if not (document[end - 1].isspace() or document[end].isspace()))
         for start, end in document_spans:
             chunks.append(document[start:end])
             chunk_domains.append(domain)
@@ -162,11 +205,7 @@ def build_chunked_split(
     """Chunk one corpus split (columns ``text`` and, optionally, ``domain``) with ``chunk_documents``.
 
     Args:
-        cache_dir: when given, the chunked split and its report are kept in a sub-folder named by
-            a hash of the split's texts and domains, every tokenizer and ``max_length``, and are
-            loaded from there the next time (chunking a few MB under five tokenizers takes a
-            minute on two cores). Written to a temporary folder and renamed, so concurrent
-            ranks never read a partial copy.
+        cache_dir: see ``chunk_rows``.
 
     Returns:
         (Dataset with str columns text and domain, one row per chunk; report).
@@ -178,10 +217,34 @@ def build_chunked_split(
     if "text" not in dataset_split.column_names:
         raise KeyError(f"the split needs a 'text' column; it has {dataset_split.column_names}")
     domains = dataset_split["domain"] if "domain" in dataset_split.column_names else None
-    cached = None if cache_dir is None else Path(cache_dir) / _chunking_key(dataset_split, tokenizers, max_length)
+    return chunk_rows(dataset_split["text"], domains, tokenizers, max_length, cache_dir)
+
+
+def chunk_rows(
+    texts: Sequence,
+    domains: Sequence | None,
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    max_length: int,
+    cache_dir: str | Path | None = None,
+) -> tuple[datasets.Dataset, DataReport]:
+    """``chunk_documents`` of rows, as a Dataset (str columns text and domain, one row per chunk).
+
+    Args:
+        cache_dir: when given, the chunked split and its report are kept in a sub-folder named by
+            a hash of CHUNKING_VERSION, the texts and domains, every tokenizer and ``max_length``,
+            and are loaded from there the next time (chunking a few MB under five tokenizers
+            takes a minute on two cores). Written to a temporary folder and renamed, so
+            concurrent ranks never read a partial copy.
+
+    Raises:
+        ValueError: see ``chunk_documents``.
+    """
+    texts = list(texts)
+    domains = [UNLABELLED_DOMAIN] * len(texts) if domains is None else list(domains)
+    cached = None if cache_dir is None else Path(cache_dir) / _chunking_key(texts, domains, tokenizers, max_length)
     if cached is not None and (cached / _REPORT_NAME).is_file():
         return datasets.load_from_disk(str(cached)), DataReport.from_dict(json.loads((cached / _REPORT_NAME).read_text()))
-    chunks, chunk_domains, report = chunk_documents(dataset_split["text"], domains, tokenizers, max_length)
+    chunks, chunk_domains, report = chunk_documents(texts, domains, tokenizers, max_length)
     features = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string")})
     chunked = datasets.Dataset.from_dict({"text": chunks, "domain": chunk_domains}, features=features)
     if cached is not None:
@@ -199,20 +262,23 @@ def build_chunked_split(
     return chunked, report
 
 
-def _chunking_key(dataset_split: datasets.Dataset, tokenizers: Sequence[PreTrainedTokenizerBase], max_length: int) -> str:
+def _chunking_key(texts: Sequence, domains: Sequence, tokenizers: Sequence[PreTrainedTokenizerBase], max_length: int) -> str:
     digest = hashlib.sha256(f"chunking v{CHUNKING_VERSION} max_length={max_length}".encode())
     for tokenizer in tokenizers:
         # The backend's JSON holds normaliser, model and post-processor; the special-token count
         # covers wrappers that add BOS outside it.
         digest.update(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).digest())
         digest.update(len(tokenizer("a", verbose=False)["input_ids"]).to_bytes(8, "little"))
-    columns = [name for name in ("text", "domain") if name in dataset_split.column_names]
-    for batch in dataset_split.select_columns(columns).iter(batch_size=1024):
-        for name in columns:
-            for value in batch[name]:
-                data = repr(value).encode("utf-8", errors="surrogatepass")
-                digest.update(len(data).to_bytes(8, "little") + data)
+    for text, domain in zip(texts, domains):
+        for value in (text, domain):
+            data = _row_bytes(value)
+            digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()[:24]
+
+
+def _row_bytes(value) -> bytes:
+    """A row value as bytes for hashing: lone surrogates and non-str values included, distinctly."""
+    return repr(value).encode("utf-8", errors="surrogatepass")
 
 
 class TextBatchCollator:
@@ -334,13 +400,21 @@ def _skip_reason(text, domain) -> str | None:
         return "not_str"
     if not text.strip():
         return "empty"
+    if not _is_unicode(text):
+        return "bad_unicode"
+    if not isinstance(domain, str) or not _is_unicode(domain):
+        return "bad_domain"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (as json.loads and surrogateescape decoding make):
+    no tokenizer and no Arrow column accepts them."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return "bad_unicode"
-    if not isinstance(domain, str):
-        return "bad_domain"
-    return None
+        return False
+    return True
 
 
 def _content_budgets(tokenizers: Sequence[PreTrainedTokenizerBase], max_length: int) -> np.ndarray:
@@ -371,15 +445,29 @@ class _ChunkPlanner:
         self.budgets = budgets
         self.max_length = max_length
         self.report = report
+        self.candidates = [_word_starts(document) for document in documents]
+        # Per document and tokenizer: tokens every chunk holds back (see plan).
+        self.slack = np.zeros((len(documents), len(tokenizers)), dtype=np.int64)
+        cap = window_chars(max_length)
+        windows = []  # (document, start, end)
+        for index, document in enumerate(documents):
+            spans, capped = _windows(document, self.candidates[index][0], cap)
+            report.capped_rows += capped
+            windows += [(index, start, end) for start, end in spans]
         # Per tokenizer and document: running maxima of token starts and ends. Running maxima keep
         # the arrays sorted where byte-level tokens of one character share or reorder offsets.
         self.starts, self.ends = [], []
         for tokenizer in tokenizers:
-            encoded = tokenizer(documents, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
-            offsets = [np.asarray(pairs, dtype=np.int64).reshape(-1, 2) for pairs in encoded["offset_mapping"]]
+            pieces = [[] for _ in documents]
+            for low, high in _batches([end - start for _, start, end in windows], _GROUP_CHARS):
+                batch = windows[low:high]
+                encoded = tokenizer([documents[index][start:end] for index, start, end in batch], add_special_tokens=False,
+                                    return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+                for (index, start, _), pairs in zip(batch, encoded["offset_mapping"]):
+                    pieces[index].append(np.asarray(pairs, dtype=np.int64).reshape(-1, 2) + start)
+            offsets = [np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64) for parts in pieces]
             self.starts.append([np.maximum.accumulate(pairs[:, 0]) if len(pairs) else pairs[:, 0] for pairs in offsets])
             self.ends.append([np.maximum.accumulate(pairs[:, 1]) if len(pairs) else pairs[:, 1] for pairs in offsets])
-        self.candidates = [_word_starts(document) for document in documents]
 
     def plan(self) -> list[list[tuple[int, int]]]:
         """Chunk spans [start, end) per document, every one verified to fit every tokenizer.
@@ -387,10 +475,14 @@ class _ChunkPlanner:
         Each round plans up to _CHUNKS_PER_ROUND chunks per unfinished document and verifies them
         in one batched call per tokenizer. A chunk that does not fit is planned again, holding
         back as many tokens as it overflowed by; the chunks planned after it are dropped, so a
-        failure costs at most one round's chunks of its document.
+        failure costs at most one round's chunks of its document. The document's later chunks
+        hold back that many tokens too (at most 1/32 of the budget): where chunks re-tokenise
+        longer alone than inside the document (a SentencePiece word marker at a cut inside a
+        word), every other chunk would fail otherwise.
         """
         accepted = [[] for _ in self.documents]
         fresh = np.zeros(len(self.tokenizers), dtype=np.int64)
+        most_slack = np.maximum(1, self.budgets // 32)
         # document -> (start of its first unverified chunk, tokens to hold back for that chunk)
         pending = {index: (0, fresh) for index in range(len(self.documents))}
         while pending:
@@ -406,13 +498,15 @@ class _ChunkPlanner:
                     self._check_shortest(index, start, end, excess[offset + failed[0]])
                     self.report.replans += 1
                     held_back = pending[index][1] if start == pending[index][0] else fresh
-                    next_pending[index] = (start, held_back + excess[offset + failed[0]])
+                    overflow = excess[offset + failed[0]]
+                    slack = np.maximum(self.slack[index], np.minimum(overflow, most_slack))
+                    # This chunk holds back the overflow once: in the slack, the rest in held_back.
+                    next_pending[index] = (start, held_back + overflow - (slack - self.slack[index]))
+                    self.slack[index] = slack
                 elif good[-1][1] < len(self.documents[index]):
                     next_pending[index] = (good[-1][1], fresh)
                 offset += len(spans)
             pending = next_pending
-        for document, spans in zip(self.documents, accepted):
-            self.report.word_cuts += sum(1 for _, end in spans[:-1] if not (document[end - 1].isspace() or document[end].isspace()))
         return accepted
 
     def _check_shortest(self, index: int, start: int, end: int, excess: np.ndarray) -> None:
@@ -426,7 +520,7 @@ class _ChunkPlanner:
     def _plan_from(self, index: int, start: int, held_back: np.ndarray) -> list[tuple[int, int]]:
         spans = []
         while start < len(self.documents[index]) and len(spans) < _CHUNKS_PER_ROUND:
-            end = self._chunk_end(index, start, self.budgets - held_back)
+            end = self._chunk_end(index, start, self.budgets - self.slack[index] - held_back)
             spans.append((start, end))
             start, held_back = end, 0
         return spans
@@ -460,9 +554,19 @@ class _ChunkPlanner:
             return int(window_positions[-1])
         # No word start fits the plan: keep the whole word if it fits after all, else cut it.
         following = int(positions[high]) if high < len(positions) else len(document)
-        if not self._excess([document[start:following]])[0].any():
+        if self._may_fit(index, start, following) and not self._excess([document[start:following]])[0].any():
             return following
         return max(limit, first_word + 1)
+
+    def _may_fit(self, index: int, start: int, end: int) -> bool:
+        """Whether ``document[start:end]`` is worth re-tokenising alone to see if it fits: the plan's
+        tokens over it are at most _WORD_RECHECK_FACTOR budgets (+ MIN_CONTENT_TOKENS) under every
+        tokenizer. This bounds the text re-tokenised per chunk by the chunk's own size."""
+        for k, budget in enumerate(self.budgets):
+            tokens = int(np.searchsorted(self.starts[k][index], end, side="left")) - int(np.searchsorted(self.ends[k][index], start, side="right"))
+            if tokens > _WORD_RECHECK_FACTOR * budget + MIN_CONTENT_TOKENS:
+                return False
+        return True
 
     def _excess(self, texts: list[str]) -> np.ndarray:
         """Tokens beyond max_length, [len(texts), num tokenizers] (0 where a text fits)."""
@@ -472,6 +576,44 @@ class _ChunkPlanner:
                 ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
                 excess[:, k] = np.maximum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) - self.max_length, 0)
         return excess
+
+
+def window_chars(max_length: int) -> int:
+    """Characters per tokenisation window of the chunk plan (see the module docstring)."""
+    return max(_MIN_WINDOW_CHARS, _WINDOW_CHARS_PER_TOKEN * max_length)
+
+
+def _windows(document: str, word_starts: np.ndarray, cap: int) -> tuple[list[tuple[int, int]], bool]:
+    """Spans of at most ``cap`` characters that concatenate to ``document``, each ending at its last
+    word start, or at ``cap`` where none lies after its start (a run of more than ``cap``
+    characters without a word start).
+
+    Returns:
+        (spans, whether some span was cut at ``cap``).
+    """
+    spans, start, capped = [], 0, False
+    while len(document) - start > cap:
+        high = int(np.searchsorted(word_starts, start + cap, side="right"))
+        if high and word_starts[high - 1] > start:
+            end = int(word_starts[high - 1])
+        else:
+            end, capped = start + cap, True
+        spans.append((start, end))
+        start = end
+    spans.append((start, len(document)))
+    return spans, capped
+
+
+def _batches(sizes: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges [low, high) of ``sizes`` summing to at most ``limit`` (or one item)."""
+    low, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > low and total + size > limit:
+            yield low, index
+            low, total = index, 0
+        total += size
+    if low < len(sizes):
+        yield low, len(sizes)
 
 
 def _word_starts(document: str) -> tuple[np.ndarray, np.ndarray]:
@@ -487,6 +629,21 @@ def _word_starts(document: str) -> tuple[np.ndarray, np.ndarray]:
     return word_starts.astype(np.int64), np.minimum(newlines[word_starts] - newlines[run_starts], 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Corpora: files or save_to_disk folders -> the rows (text, domain) of one split.
+
+# File suffix -> format of a corpus file.
+CORPUS_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# Fraction of each domain's distinct texts carved out as the eval split of a corpus that has none.
+HELD_OUT_FRACTION = 0.05
+# Salt of the carve's hash: part of what decides which rows are held out (see held_out_rows).
+_HELD_OUT_SALT = b"fusion held-out v1"
+_FORMATS_HINT = "use .jsonl/.json, .parquet, .csv or .txt files, a folder of them, or a datasets save_to_disk folder"
+
+# One split of an opened corpus: a Dataset (save_to_disk), or (format, files).
+_Source = datasets.Dataset | tuple[str, list[Path]]
+
+
 def load_chunked_split(
     corpus_dir: str,
     split_name: str,
@@ -494,24 +651,306 @@ def load_chunked_split(
     tokenizers: Sequence[PreTrainedTokenizerBase],
     max_length: int,
     cache_dir: str | None = None,
+    *,
+    text_field: str = "text",
+    domain_field: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "validation",
 ) -> tuple[datasets.Dataset, DataReport]:
-    """One split of a ``save_to_disk`` corpus, restricted to ``domains``, chunked for every tokenizer.
+    """One split of a corpus (any format of the module docstring), restricted to ``domains``,
+    chunked for every tokenizer (``chunk_rows``).
 
     The trainer and the offline precompute both read their chunks through here, so row i means
-    the same chunk to both.
+    the same chunk to both. A corpus without splits, or whose only split is ``train_split``, has
+    its ``eval_split`` carved out of its rows (``held_out_rows``) and ``train_split`` is the rest.
+    ``corpus_layout(config.data)`` gives the keyword arguments of a run config.
+
+    Args:
+        corpus_dir: the corpus path (``data.corpus``): a file or a folder.
+        text_field, domain_field: see ``read_split``.
 
     Raises:
         KeyError: the corpus has no split ``split_name``, or lacks some of ``domains``.
+        ConfigError: the corpus cannot be read, lacks a field, or gives no chunk (the message
+            names the ``data.*`` key and the fix).
+        ValueError: see ``chunk_documents``.
     """
-    corpus = datasets.load_from_disk(corpus_dir)
-    if split_name not in corpus:
-        raise KeyError(f"split {split_name!r} is not in {corpus_dir} (it has {list(corpus)})")
-    split = corpus[split_name]
+    texts, labels = read_split(corpus_dir, split_name, text_field=text_field, domain_field=domain_field,
+                               train_split=train_split, eval_split=eval_split)
     if domains is not None:
-        present = set(split.unique("domain"))
+        present = {label for label in labels if isinstance(label, str)}
         missing = sorted(set(domains) - present)
         if missing:
             raise KeyError(f"domains {missing} are not in {corpus_dir}/{split_name} (it has {sorted(present)})")
         wanted = set(domains)
-        split = split.filter(lambda row: row["domain"] in wanted)
-    return build_chunked_split(split, tokenizers, max_length, cache_dir=cache_dir)
+        rows = [index for index, label in enumerate(labels) if label in wanted]
+        texts, labels = [texts[index] for index in rows], [labels[index] for index in rows]
+    chunked, report = chunk_rows(texts, labels, tokenizers, max_length, cache_dir)
+    if not len(chunked):
+        raise ConfigError(
+            f"data.corpus: split {split_name!r} of {corpus_dir!r} gives no text: {report.rows} rows, "
+            f"skipped {dict(sorted(report.skipped.items()))} (field {text_field!r}); check data.text_field and data.domains"
+        )
+    return chunked, report
+
+
+def corpus_layout(data) -> dict:
+    """The keyword arguments of ``load_chunked_split`` / ``read_split`` set by a run config's
+    ``data`` section (``fusion.config.DataConfig``)."""
+    return {"text_field": data.text_field, "domain_field": data.domain_field, "train_split": data.train_split,
+            "eval_split": data.eval_split}
+
+
+def read_split(
+    corpus_dir: str,
+    split_name: str,
+    *,
+    text_field: str = "text",
+    domain_field: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "validation",
+) -> tuple[list, list]:
+    """The rows of one split of a corpus: (texts, domain labels), unfiltered.
+
+    Args:
+        text_field: the column / JSON key holding the text (plain-text files: one text per file,
+            so only the default ``text``).
+        domain_field: the column holding the domain label; None: ``domain`` when the corpus has
+            it, else every row gets UNLABELLED_DOMAIN (``all``). Integer labels (and a
+            ClassLabel's names) become str.
+
+    Texts are returned as read, None or invalid ones included (``chunk_documents`` skips and
+    counts them); files are decoded as UTF-8 with invalid bytes kept as lone surrogates, which
+    chunking counts as ``bad_unicode``.
+
+    Raises:
+        KeyError: no split ``split_name``.
+        ConfigError: see ``check_corpus``; a JSON/CSV row that does not parse; too few rows to
+            carve out ``eval_split``.
+    """
+    opened = _open_corpus(corpus_dir)
+    carved = list(opened) in ([None], [train_split])
+    if carved and split_name not in (train_split, eval_split):
+        raise KeyError(
+            f"split {split_name!r} is not in {corpus_dir}: it has {'no splits' if None in opened else f'only {train_split!r}'}, "
+            f"so only data.train_split ({train_split!r}) and data.eval_split ({eval_split!r}, carved out of it) exist"
+        )
+    if not carved and split_name not in opened:
+        hint = (f"; name one of them, or keep only {train_split!r} in the corpus to have {split_name!r} carved out of it"
+                if split_name == eval_split else "")
+        raise KeyError(f"split {split_name!r} is not in {corpus_dir} (it has {sorted(opened)}){hint}")
+    source = next(iter(opened.values())) if carved else opened[split_name]
+    text_field, domain_field = _resolve_fields(corpus_dir, [source], text_field, domain_field)
+    texts, labels = _read_source(source, text_field, domain_field)
+    if carved:
+        held = held_out_rows(texts, labels)
+        if split_name == eval_split and not held:
+            raise ConfigError(
+                f"data.eval_split: {corpus_dir!r} has no split {eval_split!r} and too few rows to carve one out "
+                "(a domain needs 2 distinct usable texts); add rows, or give the corpus an eval split"
+            )
+        rows = held if split_name == eval_split else sorted(set(range(len(texts))) - set(held))
+        texts, labels = [texts[index] for index in rows], [labels[index] for index in rows]
+    return texts, labels
+
+
+def held_out_rows(texts: Sequence, domains: Sequence) -> list[int]:
+    """Rows carved out as the eval split of a corpus that has none, in row order.
+
+    Per domain, the usable rows (those ``chunk_documents`` keeps) whose text has the smallest
+    SHA-256 digest (salted with _HELD_OUT_SALT): ``round(HELD_OUT_FRACTION * n)`` of the domain's
+    n distinct texts, at least 1 when n >= 2, none when n < 2. The choice depends only on the
+    texts and labels: not on row order, the run's seed, the rank or the machine; copies of one
+    text are held out together, so no text is in both splits.
+    """
+    by_domain: dict[bytes, dict[bytes, list[int]]] = {}
+    for index, (text, domain) in enumerate(zip(texts, domains)):
+        if _skip_reason(text, domain) is None:
+            digest = hashlib.sha256(_HELD_OUT_SALT + _row_bytes(text)).digest()
+            by_domain.setdefault(_row_bytes(domain), {}).setdefault(digest, []).append(index)
+    held = []
+    for copies in by_domain.values():
+        count = max(1, round(HELD_OUT_FRACTION * len(copies))) if len(copies) >= 2 else 0
+        for digest in sorted(copies)[:count]:
+            held += copies[digest]
+    return sorted(held)
+
+
+def check_corpus(corpus_dir: str, text_field: str = "text", domain_field: str | None = None) -> None:
+    """Check, without reading every row, that the corpus opens and has the fields in every split.
+
+    For ``fusion.config.validate``: it runs before any model loads. Reads each file's first row,
+    header or schema.
+
+    Raises:
+        ConfigError: the path does not exist, is an unsupported format, a folder without corpus
+            files or mixing formats, a damaged save_to_disk folder, or a split or file lacks
+            ``text_field`` / ``domain_field``; the message names the key and the fix.
+    """
+    _resolve_fields(corpus_dir, list(_open_corpus(corpus_dir).values()), text_field, domain_field)
+
+
+def _open_corpus(corpus_dir: str) -> dict[str | None, _Source]:
+    """The splits of a corpus by name, or ``{None: all rows}`` for a corpus without splits."""
+    path = Path(corpus_dir)
+    if not path.exists():
+        raise ConfigError(f"data.corpus: {corpus_dir!r} does not exist; {_FORMATS_HINT} (`make assets` builds the demo corpus)")
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as error:  # any damage; the library's reason, in one line
+            raise ConfigError(f"data.corpus: {corpus_dir!r} is not a readable save_to_disk folder ({_first_line(error)}); save it again") from None
+        return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {None: loaded}
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(file for file in path.rglob("*") if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts))
+        if not files:
+            raise ConfigError(f"data.corpus: folder {corpus_dir!r} holds no files; {_FORMATS_HINT}")
+    unsupported = [str(file) for file in files if file.suffix.lower() not in CORPUS_FORMATS]
+    if unsupported:
+        more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        raise ConfigError(f"data.corpus: {unsupported[0]!r}{more} is not a corpus file; {_FORMATS_HINT}")
+    formats = sorted({CORPUS_FORMATS[file.suffix.lower()] for file in files})
+    if len(formats) > 1:
+        raise ConfigError(f"data.corpus: folder {corpus_dir!r} mixes {' and '.join(formats)} files; keep one format per corpus")
+    return {None: (formats[0], files)}
+
+
+def _resolve_fields(corpus_dir: str, sources: list, text_field: str, domain_field: str | None) -> tuple[str, str | None]:
+    """(text field, domain field or None) after checking them in every split / file of ``sources``."""
+    units = []  # (where, columns)
+    for source in sources:
+        if isinstance(source, datasets.Dataset):
+            units.append((corpus_dir, source.column_names))
+        else:
+            kind, files = source
+            if kind == "text":
+                if text_field != "text" or domain_field is not None:
+                    key = "data.text_field" if text_field != "text" else "data.domain_field"
+                    raise ConfigError(f"{key}: plain-text corpora ({corpus_dir!r}) hold one text per file and no fields; remove {key}")
+                return "text", None
+            units += [(str(file), _file_columns(kind, file)) for file in files]
+    for where, columns in units:
+        if text_field not in columns:
+            raise ConfigError(f"data.text_field: {where!r} has no field {text_field!r} (it has {sorted(columns)}); set data.text_field to the one holding the text")
+        if domain_field is not None and domain_field not in columns:
+            raise ConfigError(f"data.domain_field: {where!r} has no field {domain_field!r} (it has {sorted(columns)}); set data.domain_field to the one holding the domain label, or remove it")
+    if domain_field is None:
+        labelled = [where for where, columns in units if "domain" in columns]
+        if labelled and len(labelled) < len(units):
+            unlabelled = next(where for where, columns in units if "domain" not in columns)
+            raise ConfigError(f"data.domain_field: {labelled[0]!r} has a 'domain' field but {unlabelled!r} has none; "
+                              "give every file one, or set data.domain_field to a field they all have")
+        domain_field = "domain" if labelled else None
+    return text_field, domain_field
+
+
+def _file_columns(kind: str, file: Path) -> list[str]:
+    """The fields of a corpus file: its first JSON row's keys, CSV header or Parquet schema."""
+    if kind == "parquet":
+        try:
+            return pq.read_schema(file).names
+        except Exception as error:  # not Parquet, truncated ...
+            raise ConfigError(f"data.corpus: {str(file)!r} is not a readable Parquet file ({_first_line(error)}); write it again") from None
+    if kind == "csv":
+        with file.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            header = next(csv.reader(handle), None)
+    else:
+        rows = _json_rows(file)
+        first = next(rows, None)
+        rows.close()
+        header = None if first is None else list(first[1])
+    if header is None:
+        raise ConfigError(f"data.corpus: {str(file)!r} holds no rows; remove it or fill it")
+    return header
+
+
+def _read_source(source: _Source, text_field: str, domain_field: str | None) -> tuple[list, list]:
+    """All (texts, domain labels) of one split."""
+    if isinstance(source, datasets.Dataset):
+        columns = source.select_columns([text_field] + ([domain_field] if domain_field else [])).to_dict()
+        texts = columns[text_field]
+        if domain_field is None:
+            return texts, [UNLABELLED_DOMAIN] * len(texts)
+        labels = columns[domain_field]
+        feature = source.features[domain_field]
+        if isinstance(feature, datasets.ClassLabel):
+            labels = [None if label is None else feature.int2str(label) for label in labels]
+        return texts, _checked_labels(labels, domain_field)
+    kind, files = source
+    texts, labels = [], []
+    for file in files:
+        if kind == "text":
+            texts.append(file.read_bytes().decode("utf-8-sig", errors="surrogateescape"))
+        elif kind == "parquet":
+            table = pq.read_table(file, columns=[text_field] + ([domain_field] if domain_field else []))
+            texts += table.column(text_field).to_pylist()
+            labels += table.column(domain_field).to_pylist() if domain_field else []
+        else:
+            for _, row in _json_rows(file) if kind == "json" else _csv_rows(file):
+                texts.append(row.get(text_field))
+                if domain_field:
+                    labels.append(row.get(domain_field))
+    if domain_field is None:
+        return texts, [UNLABELLED_DOMAIN] * len(texts)
+    return texts, _checked_labels(labels, domain_field)
+
+
+def _checked_labels(labels: list, domain_field: str) -> list:
+    """Integer labels as str; refuses the aggregate's name ``all`` beside other labels."""
+    labels = [str(label) if isinstance(label, int) and not isinstance(label, bool) else label for label in labels]
+    names = {label for label in labels if isinstance(label, str)}
+    if UNLABELLED_DOMAIN in names and len(names) > 1:
+        raise ConfigError(f"data.domain_field: the domain label {UNLABELLED_DOMAIN!r} (field {domain_field!r}) is reserved for "
+                          "the total over all domains in evaluation; rename it in the corpus")
+    return labels
+
+
+def _json_rows(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line or item number, row) of a JSON Lines file, or of a ``.json`` file holding a list of rows."""
+    with file.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
+        whole = file.suffix.lower() == ".json" and handle.read(4096).lstrip()[:1] == "["
+        handle.seek(0)
+        if whole:
+            try:
+                numbered = enumerate(json.load(handle), 1)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"data.corpus: {str(file)!r} line {error.lineno}: not valid JSON ({error.msg}); fix the file") from None
+        else:
+            numbered = _json_lines(file, handle)
+        for number, row in numbered:
+            if not isinstance(row, dict):
+                raise ConfigError(f"data.corpus: {str(file)!r} row {number} is a {type(row).__name__}, not an object of fields; "
+                                  "write one JSON object per row, e.g. {\"text\": \"...\"}")
+            yield number, row
+
+
+def _json_lines(file: Path, handle) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(handle, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"data.corpus: {str(file)!r} line {number}: not valid JSON ({error.msg}); fix or remove that line") from None
+
+
+def _csv_rows(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV file with a header line."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) refuses long documents
+    try:
+        with file.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            reader = csv.DictReader(handle)
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except csv.Error as error:
+                raise ConfigError(f"data.corpus: {str(file)!r} line {reader.line_num}: not valid CSV ({error}); fix the file") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

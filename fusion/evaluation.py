@@ -99,7 +99,7 @@ def evaluate_by_domain(model, tokenizer, texts: Sequence[str], domains: Sequence
     scores = score_texts(model, tokenizer, texts, batch_size, max_length, progress)
     totals: dict[str, list] = {}
     for domain, score in zip(domains, scores):
-        for key in (domain, "all"):
+        for key in {domain, "all"}:  # a corpus without domains has one, named "all"
             total = totals.setdefault(key, [0, 0, 0, 0.0])
             total[0] += 1
             total[1] += score.tokens

@@ -15,7 +15,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from fusion.config import Config, ConfigError
-from fusion.data import DataReport, load_chunked_split
+from fusion.data import DataReport, corpus_layout, load_chunked_split
 
 
 def subset_rows(num_rows: int, limit: int | None, seed: int) -> list[int] | None:
@@ -50,7 +50,7 @@ def chunked_split(config: Config, split_name: str, tokenizers: Sequence) -> tupl
     data = config.data
     try:
         return load_chunked_split(data.corpus, split_name, data.domains, tokenizers, data.max_length,
-                                  cache_dir=str(Path(config.run.cache_dir) / "chunks"))
+                                  cache_dir=str(Path(config.run.cache_dir) / "chunks"), **corpus_layout(data))
     except KeyError as error:
         key = {data.train_split: "data.train_split", data.eval_split: "data.eval_split"}.get(split_name, "--split")
         raise ConfigError(f"{key} / data.domains: {error.args[0]}") from None

@@ -113,6 +113,7 @@ def test_missing_paths_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.corpus: .* does not exist"):
         parse_config(raw)
     (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "rows.jsonl").write_text('{"text": "one row"}\n')
     raw["trainer"]["deepspeed_config"] = str(tmp_path / "zero9.json")
     with pytest.raises(ConfigError, match=r"trainer\.deepspeed_config: .*zero9.json.* does not exist"):
         parse_config(raw)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
+import time
 from pathlib import Path
 
 import datasets
@@ -15,7 +17,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from fusion.assets.wheels import fetch_archive, read_member
-from fusion.data import DataReport, TextBatchCollator, build_chunked_split, chunk_documents, iterate_epochs, make_dataloader
+from fusion import data as data_module
+from fusion.data import (DataReport, TextBatchCollator, build_chunked_split, chunk_documents, chunk_rows, iterate_epochs, make_dataloader,
+                         window_chars)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TOKENIZERS = ("smollm2", "gemma3", "gpt2", "mistral-v1", "minilm-wordpiece")
@@ -202,6 +206,101 @@ def test_bad_rows_are_counted_not_fatal(gpt2):
     assert json.loads(json.dumps(report.to_dict()))["skipped"]["nan"] == 1
 
 
+def _without_whitespace(characters: int, alphabet: str | tuple[int, int], seed: int) -> str:
+    """A random row of ``characters`` code points and no whitespace: letters and digits, or a code point range."""
+    rng = random.Random(seed)
+    if isinstance(alphabet, str):
+        return "".join(rng.choices(alphabet, k=characters))
+    return "".join(map(chr, (rng.randrange(*alphabet) for _ in range(characters))))
+
+
+LATIN = "abcdefghijklmnopqrstuvwxyz0123456789"
+CJK = (0x4E00, 0x9FA5)
+
+
+def _token_counts(tokenizer, chunks: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(chunks, verbose=False)["input_ids"]]
+
+
+def test_row_without_whitespace_chunks_in_linear_time(gpt2):
+    """The row that hung chunking (80k characters took 50 s, growing worse than quadratically).
+
+    CPU time, not wall time: the machines that run the suite are shared.
+    """
+    seconds = {}
+    for characters in (300_000, 600_000):
+        text = _without_whitespace(characters, LATIN, seed=characters)
+        started = time.process_time()
+        chunks, _, report = chunk_documents([text], None, [gpt2], 128)
+        seconds[characters] = time.process_time() - started
+        assert "".join(chunks) == text
+        counts = _token_counts(gpt2, chunks)
+        assert max(counts) <= 128
+        # Cut by the plan's tokens, not degenerate: every chunk but the last is nearly full.
+        assert min(counts[:-1]) >= 128 - 8, sorted(counts)[:5]
+        assert report.word_cuts == len(chunks) - 1
+        assert report.capped_rows == int(characters > window_chars(128))
+    assert seconds[600_000] < 30, seconds
+    assert seconds[600_000] < 3 * seconds[300_000] + 0.5, seconds
+
+
+def test_cjk_without_spaces_fits_every_tokenizer(family, monkeypatch):
+    monkeypatch.setattr(data_module, "_MIN_WINDOW_CHARS", 4096)  # a few windows of few characters: a fast test
+    text = _without_whitespace(window_chars(16) + 3011, CJK, seed=3)
+    chunks, _, report = chunk_documents(["開始 " + text], ["zh"], family, 16)
+    assert "".join(chunks) == "開始 " + text
+    for tokenizer in family:
+        assert max(_token_counts(tokenizer, chunks)) <= 16, tokenizer.name_or_path
+    assert report.capped_rows == 1
+
+
+def test_long_spaced_rows_are_windowed_without_word_cuts(gpt2, monkeypatch):
+    """A row longer than a window, with spaces: windows end at word starts, so no word is cut, and
+    the chunks are nearly those of a plan from one tokenisation of the whole row."""
+    monkeypatch.setattr(data_module, "_MIN_WINDOW_CHARS", 8192)
+    rng = random.Random(5)
+    words = ["".join(rng.choices(LATIN, k=rng.randint(1, 12))) for _ in range(2000)]
+    text = "".join(rng.choice(words) + rng.choice([" ", " ", "\n", ". "]) for _ in range(8000)).strip()
+    windows = len(text) // window_chars(64) + 1
+    assert windows >= 3
+    chunks, _, report = chunk_documents([text], None, [gpt2], 64)
+    assert "".join(chunks) == text
+    assert max(_token_counts(gpt2, chunks)) <= 64 and report.word_cuts == 0 and report.capped_rows == 0
+    monkeypatch.setattr(data_module, "_MIN_WINDOW_CHARS", 10 * len(text))
+    whole, _, _ = chunk_documents([text], None, [gpt2], 64)
+    assert len(chunks) <= len(whole) + windows
+    assert len(set(chunks) & set(whole)) > 0.9 * len(whole)
+
+
+@pytest.mark.slow
+def test_five_megabyte_row_without_whitespace_under_real_tokenizers():
+    tokenizers = _real_tokenizers(("smollm2", "gpt2", "mistral-v1", "minilm-wordpiece"))
+    seconds = {}
+    for characters in (2_500_000, 5_000_000):
+        text = _without_whitespace(characters, LATIN, seed=1)
+        started = time.process_time()
+        chunks, _, _ = chunk_documents([text], None, tokenizers, 128)
+        seconds[characters] = time.process_time() - started
+        assert "".join(chunks) == text
+        for tokenizer in tokenizers:
+            assert max(_token_counts(tokenizer, chunks)) <= 128, tokenizer.name_or_path
+    assert seconds[5_000_000] < 3 * seconds[2_500_000] + 1, seconds
+    assert seconds[5_000_000] < 600, seconds
+
+
+def test_lone_surrogates_never_reach_a_tokenizer(family):
+    """Invalid Unicode (as json.loads and surrogateescape decoding produce) is skipped and counted."""
+    long_bad = _without_whitespace(200_000, LATIN, seed=2) + "\udcff" + "tail"
+    texts = ["good one", "bad \ud800", long_bad, "\udc80" * 3, "good two", "good three"]
+    domains = ["a", "a", "a", "a", "b\udfff", "b"]
+    chunks, chunk_domains, report = chunk_documents(texts, domains, family, 16)
+    assert chunks == ["good one", "good three"] and chunk_domains == ["a", "b"]
+    assert report.skipped == {"bad_unicode": 3, "bad_domain": 1}
+    # A chunked split is an Arrow table: it would refuse a surrogate in any column.
+    chunked, _ = chunk_rows(texts, domains, family[:1], 16)
+    assert chunked["text"] == ["good one", "good three"]
+
+
 def test_chunking_rejects_bad_arguments(gpt2):
     with pytest.raises(ValueError, match="domains"):
         chunk_documents(["a", "b"], ["x"], [gpt2], 16)
@@ -223,12 +322,12 @@ def test_build_chunked_split(gpt2):
     assert "".join(t for t, d in zip(chunked["text"], chunked["domain"]) if d == "a") == ("one two three " * 20).strip()
     assert chunked["text"][-1] == "four" and report.skipped == {"none": 1}
     unlabelled, _ = build_chunked_split(split.remove_columns(["domain"]), [gpt2], 13)
-    assert set(unlabelled["domain"]) == {""}
+    assert set(unlabelled["domain"]) == {"all"}
     with pytest.raises(KeyError, match="'text'"):
         build_chunked_split(split.rename_column("text", "body"), [gpt2], 13)
 
 
-def test_chunked_split_cache(gpt2, tmp_path):
+def test_chunked_split_cache(gpt2, tmp_path, monkeypatch):
     split = datasets.Dataset.from_dict({"text": ["one two three " * 9, None, "four"], "domain": ["a", "b", "c"]})
     cache = tmp_path / "chunks"  # created on first use
     fresh, report = build_chunked_split(split, [gpt2], 13, cache_dir=cache)
@@ -240,6 +339,16 @@ def test_chunked_split_cache(gpt2, tmp_path):
     build_chunked_split(split.select([0, 2]), [gpt2], 13, cache_dir=cache)
     build_chunked_split(split, [gpt2, _tiny_wordpiece()], 13, cache_dir=cache)
     assert len(list(cache.iterdir())) == 4
+    # Other labels, or none (the default domain), are other inputs.
+    build_chunked_split(split.map(lambda row: {"domain": "z"}), [gpt2], 13, cache_dir=cache)
+    build_chunked_split(split.remove_columns(["domain"]), [gpt2], 13, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 6
+    # The same rows given as lists reuse the entry; a new chunking version does not.
+    chunk_rows(split["text"], split["domain"], [gpt2], 13, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 6
+    monkeypatch.setattr(data_module, "CHUNKING_VERSION", data_module.CHUNKING_VERSION + 1)
+    build_chunked_split(split, [gpt2], 13, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 7
 
 
 def test_collator_matches_hand_built_batch():
@@ -322,4 +431,4 @@ def test_drop_last_leaves_out_the_remainder_and_resume_skips():
 
 def test_report_defaults_are_empty():
     report = DataReport()
-    assert report.to_dict() == {"rows": 0, "documents": 0, "chunks": 0, "characters": 0, "skipped": {}, "word_cuts": 0, "replans": 0}
+    assert report.to_dict() == {"rows": 0, "documents": 0, "chunks": 0, "characters": 0, "skipped": {}, "word_cuts": 0, "replans": 0, "capped_rows": 0}
