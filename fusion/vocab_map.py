@@ -95,50 +95,84 @@ def _bert_splits_alone(char: str) -> bool:
 
 
 @dataclass
-class _Vocabulary:
-    """What every id of one tokenizer spells. Arrays have one entry per id below ``size``."""
+class Vocabulary:
+    """What every id of one tokenizer spells. Arrays have one entry per id below ``size``.
 
-    surfaces: list[bytes | None]  # None: special token or id without a token
-    is_byte_token: np.ndarray  # bool, SentencePiece <0xNN>
-    is_continuation: np.ndarray  # bool, WordPiece ##
-    specials: dict[str, int]  # content -> id
+    Attributes:
+        family: ``byte_level``, ``sentencepiece`` (BPE or Unigram with ``▁``), ``wordpiece`` or
+            ``end_of_word`` (BPE with a ``</w>``-style suffix, CLIP).
+        surfaces: the bytes each id adds to the text; None for special tokens and ids without a token.
+        is_byte_token: SentencePiece ``<0xNN>``.
+        is_continuation: WordPiece ``##``.
+        ends_word: ``end_of_word`` tokens carrying the suffix (the suffix is not in the surface).
+        specials: special token content -> id.
+        eos_id, bos_id: the tokenizer's EOS/BOS ids when it has them.
+        fold: the tokenizer's case/accent/Unicode normalisation, None when it has none.
+    """
+
+    family: str
+    surfaces: list[bytes | None]
+    is_byte_token: np.ndarray
+    is_continuation: np.ndarray
+    ends_word: np.ndarray
+    specials: dict[str, int]
     eos_id: int | None
     bos_id: int | None
-    fold: normalizers.Normalizer | None  # the tokenizer's case/accent/Unicode normalisation
+    fold: normalizers.Normalizer | None
 
 
-def _describe(tokenizer, size: int) -> _Vocabulary:
+def _family(backend, pre_and_decoder: list[dict], normalizer_parts: list[dict], tokenizer) -> str:
+    model = type(backend.model).__name__
+    types = {part["type"] for part in pre_and_decoder}
+    if model == "WordPiece":
+        return "wordpiece"
+    if "ByteLevel" in types:
+        return "byte_level"
+    if model == "BPE" and getattr(backend.model, "end_of_word_suffix", None):
+        return "end_of_word"
+    if "Metaspace" in types or any(
+        part["type"] in ("Replace", "Prepend")
+        and "▁" in (part.get("pattern", {}).get("String", ""), part.get("content", ""), part.get("prepend", ""))
+        for part in pre_and_decoder + normalizer_parts
+    ):
+        return "sentencepiece"
+    raise ValueError(
+        f"cannot tell how the tokens of {type(tokenizer).__name__} {tokenizer.name_or_path!r} spell text: "
+        f"model {model}, pre-tokenizer/decoder parts {sorted(types)}; supported families are "
+        "byte-level BPE (ByteLevel), SentencePiece BPE/Unigram (Metaspace or a '▁' Replace/Prepend), "
+        "WordPiece and end-of-word-suffix BPE (CLIP's '</w>')"
+    )
+
+
+def spell_vocabulary(tokenizer, size: int | None = None) -> Vocabulary:
+    """What each id of a fast tokenizer spells (module docstring), for ids below ``size``.
+
+    Args:
+        tokenizer: a fast (``tokenizers``-backed) Hugging Face tokenizer.
+        size: ids to describe; default ``len(tokenizer)``. Ids beyond the tokenizer spell nothing.
+
+    Raises:
+        ValueError: the tokenizer's family is not one of the four recognised.
+    """
+    size = len(tokenizer) if size is None else size
     backend = tokenizer.backend_tokenizer
 
     def spec(component) -> list[dict]:
         return _components(json.loads(component.__getstate__())) if component is not None else []
 
-    model = type(backend.model).__name__
     pre_and_decoder = spec(backend.pre_tokenizer) + spec(backend.decoder)
     normalizer_parts = spec(backend.normalizer)
+    family = _family(backend, pre_and_decoder, normalizer_parts, tokenizer)
     types = {part["type"] for part in pre_and_decoder}
-    if model == "WordPiece":
-        family = "wordpiece"
-    elif "ByteLevel" in types:
-        family = "byte_level"
-    elif "Metaspace" in types or any(
-        part["type"] == "Replace" and "▁" in (part.get("pattern", {}).get("String", ""), part.get("content", ""))
-        for part in pre_and_decoder + normalizer_parts
-    ):
-        family = "sentencepiece"
-    else:
-        raise ValueError(
-            f"cannot tell how the tokens of {type(tokenizer).__name__} {tokenizer.name_or_path!r} spell text: "
-            f"model {model}, pre-tokenizer/decoder parts {sorted(types)}; supported families are "
-            "byte-level BPE (ByteLevel), SentencePiece (Metaspace or a '▁' Replace) and WordPiece"
-        )
     byte_fallback = bool(getattr(backend.model, "byte_fallback", False)) or "ByteFallback" in types
     prefix = getattr(backend.model, "continuing_subword_prefix", None) or "##"
+    suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
 
     added = backend.get_added_tokens_decoder()
     surfaces: list[bytes | None] = [None] * size
     is_byte_token = np.zeros(size, dtype=bool)
     is_continuation = np.zeros(size, dtype=bool)
+    ends_word = np.zeros(size, dtype=bool)
     specials = {}
     for token, index in backend.get_vocab(with_added_tokens=True).items():
         if index >= size:
@@ -157,6 +191,9 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
             byte = _BYTE_TOKEN.match(token) if byte_fallback else None
             is_byte_token[index] = byte is not None
             surfaces[index] = bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode()
+        elif family == "end_of_word":
+            ends_word[index] = token.endswith(suffix)
+            surfaces[index] = (token[: -len(suffix)] if ends_word[index] else token).encode()
         elif token.startswith(prefix):
             is_continuation[index] = True
             surfaces[index] = token[len(prefix):].encode()
@@ -180,10 +217,12 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
         index = getattr(tokenizer, attribute, None)
         return index if index is not None and index < size else None
 
-    return _Vocabulary(
+    return Vocabulary(
+        family=family,
         surfaces=surfaces,
         is_byte_token=is_byte_token,
         is_continuation=is_continuation,
+        ends_word=ends_word,
         specials=specials,
         eos_id=special_id("eos_token_id"),
         bos_id=special_id("bos_token_id"),
@@ -191,7 +230,7 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
     )
 
 
-def _by_surface(vocabulary: _Vocabulary) -> dict[bytes, list[int]]:
+def _by_surface(vocabulary: Vocabulary) -> dict[bytes, list[int]]:
     index_of: dict[bytes, list[int]] = {}
     for index, surface in enumerate(vocabulary.surfaces):
         if surface is not None:
@@ -199,7 +238,7 @@ def _by_surface(vocabulary: _Vocabulary) -> dict[bytes, list[int]]:
     return index_of
 
 
-def _pick(candidates: list[int], source: _Vocabulary, index: int, target: _Vocabulary) -> int:
+def _pick(candidates: list[int], source: Vocabulary, index: int, target: Vocabulary) -> int:
     """Choose among target tokens that spell the same bytes (SentencePiece "▁" and "<0x20>",
     WordPiece "," and "##,"): the first of the same sort as the source token, so that identical
     tokenizers map to the identity, else the lowest id."""
@@ -210,7 +249,7 @@ def _pick(candidates: list[int], source: _Vocabulary, index: int, target: _Vocab
     return candidates[0]
 
 
-def _map_exact(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes, list[int]],
+def _map_exact(source: Vocabulary, target: Vocabulary, by_surface: dict[bytes, list[int]],
                table: np.ndarray, kind: np.ndarray) -> None:
     for index, surface in enumerate(source.surfaces):
         if surface is None:
@@ -234,7 +273,7 @@ def _map_exact(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes,
             table[index], kind[index] = mapped, EXACT
 
 
-def _map_partial_characters(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes, list[int]],
+def _map_partial_characters(source: Vocabulary, target: Vocabulary, by_surface: dict[bytes, list[int]],
                             table: np.ndarray, kind: np.ndarray) -> None:
     """Pieces of a multi-byte character map to the target token spelling their longest prefix: for a
     target that spells the character in bytes, the token it emits first (often ``<0xNN>``)."""
@@ -284,7 +323,7 @@ def _key_table(texts: list[str], cutoff: float, max_edits: int) -> tuple[np.ndar
     return hashes[order], owners[order]
 
 
-def _map_nearest(source: _Vocabulary, target: _Vocabulary, table: np.ndarray, kind: np.ndarray,
+def _map_nearest(source: Vocabulary, target: Vocabulary, table: np.ndarray, kind: np.ndarray,
                  cutoff: float, max_edits: int) -> None:
     """Strings within ``d`` edits of each other become equal after deleting at most ``d`` characters
     from each (the substituted and inserted ones), so joining the two sides on their deletion keys
@@ -418,8 +457,8 @@ class VocabMap:
                 with np.load(path) as cached:
                     return cls(source_to_target=cached["source_to_target"], kind=cached["kind"])
 
-        source = _describe(source_tok, source_vocab_size)
-        target = _describe(target_tok, len(target_tok))
+        source = spell_vocabulary(source_tok, source_vocab_size)
+        target = spell_vocabulary(target_tok, len(target_tok))
         table = np.full(source_vocab_size, -1, dtype=np.int32)
         kind = np.full(source_vocab_size, DROPPED, dtype=np.uint8)
         by_surface = _by_surface(target)

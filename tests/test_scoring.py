@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from alignment_reference import reference_boundaries
 from fusion.sources.scoring import SourceScorer, encode_with_offsets, next_token_topk
 from fusion.vocab_map import VocabMap
 
@@ -136,8 +137,9 @@ def test_identity_tokenizer_keeps_candidates(toks, name):
     """Source tokenizer = target tokenizer: candidates are the source's own top-k at the same
     position (ids beyond the tokenizer, from the padded vocabulary, dropped), and every position
     is valid except the last, padding, and those whose next token starts no boundary of the text
-    (a special token, or a piece inside a character: multi-byte characters split into byte-level
-    tokens, SentencePiece's lone dummy-prefix ``▁`` sharing the first character's span)."""
+    (a special token, the unknown token, a piece inside a character: multi-byte characters split into
+    byte-level tokens, SentencePiece's lone dummy-prefix ``▁``), by the brute-force reference of
+    tests/alignment_reference.py, which reads no offsets."""
     tok = toks[name]
     vocab = len(tok) + 10
     model = tiny_llama(vocab, seed=1)
@@ -148,11 +150,8 @@ def test_identity_tokenizer_keeps_candidates(toks, name):
     known[: len(tok)] = np.arange(len(tok))
     for row, text in enumerate(TEXTS):
         dense, ids, offsets, special = dense_reference(model, tok, text)
-        reach = np.maximum.accumulate([end for _, end in offsets])
-        starts_boundary = [
-            j > 0 and not special[j] and offsets[j][1] > offsets[j][0] and offsets[j][0] >= reach[j - 1]
-            for j in range(len(ids))
-        ]
+        family, dummy = ("sentencepiece", "unless_space") if name == "metaspace" else ("byte_level", None)
+        starts_boundary = [start is not None for start, _ in reference_boundaries(tok, family, dummy, ids, text)]
         expected_valid = torch.zeros(answer.length, dtype=torch.bool)
         expected_valid[: len(ids) - 1] = torch.tensor(starts_boundary[1:])
         assert torch.equal(answer.valid[row], expected_valid)

@@ -133,7 +133,7 @@ def test_cache_reload_gives_identical_arrays(real, tmp_path, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("a cached map was rebuilt")
 
-    monkeypatch.setattr(vocab_map, "_describe", no_rebuild)
+    monkeypatch.setattr(vocab_map, "spell_vocabulary", no_rebuild)
     loaded = VocabMap.build(source, target, len(source) + 5, cache_dir=tmp_path)
     np.testing.assert_array_equal(loaded.source_to_target, built.source_to_target)
     np.testing.assert_array_equal(loaded.kind, built.kind)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusion.alignment import align_next_token_positions
+from fusion.alignment import TokenSpelling, align_next_token_positions
 from fusion.sources.answer import SparseSoftLabels
 from fusion.vocab_map import VocabMap
 
@@ -27,7 +27,10 @@ def encode_with_offsets(
     """Token ids, character offsets and special-token masks of ``texts`` (special tokens added).
 
     This is the one encoding used for both sides of the alignment, so the target positions of a
-    stored answer are those of ``encode_with_offsets(target_tokenizer, texts, max_length)``.
+    stored answer are those of ``encode_with_offsets(target_tokenizer, texts, max_length)``. Corpus
+    text is text: strings such as ``<s>`` or ``<|endoftext|>`` inside it are tokenized as the
+    characters they are (``split_special_tokens``), never as control tokens; only the special
+    tokens the tokenizer adds around the text (BOS, CLS/SEP ...) are special.
 
     Raises:
         ValueError: the tokenizer is not a fast tokenizer (it has no character offsets).
@@ -42,6 +45,7 @@ def encode_with_offsets(
         add_special_tokens=True,
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
+        split_special_tokens=True,
         truncation=max_length is not None,
         max_length=max_length,
     )
@@ -210,10 +214,16 @@ class SourceScorer:
             ValueError: sizes disagree (offsets vs texts, length, the vocab map vs the logits' width),
                 a text encodes to no tokens, or the model returns no ``[B, L, V]`` logits.
         """
-        if target_offsets is None:
-            _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        target_ids, own_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        target_offsets = own_offsets if target_offsets is None else target_offsets
         if len(target_offsets) != len(texts):
             raise ValueError(f"score: got {len(target_offsets)} target offset lists for {len(texts)} texts")
+        for row, (given, own) in enumerate(zip(target_offsets, own_offsets)):
+            if [tuple(span) for span in given] != own:
+                raise ValueError(
+                    f"score: the target offsets of text {row} are not those of encode_with_offsets(target_tokenizer, "
+                    f"texts, max_length={self.max_length}); pass that encoding's offsets or none"
+                )
         longest = max((len(o) for o in target_offsets), default=0)
         length = longest if length is None else length
         if longest > length:
@@ -237,7 +247,7 @@ class SourceScorer:
         top_logprobs, top_ids, gold_logprob = top_logprobs.cpu(), top_ids.cpu(), gold_logprob.cpu()
 
         answer = SparseSoftLabels.empty(len(texts), length, self.top_k, self.dtype)
-        self._fill_aligned(answer, texts, source_offsets, target_offsets, top_logprobs, top_ids)
+        self._fill_aligned(answer, texts, (ids, source_offsets), (target_ids, own_offsets), top_logprobs, top_ids)
         scored = (next_ids >= 0).cpu()
         for row, text in enumerate(texts):
             count = int(scored[row].sum())
@@ -273,25 +283,27 @@ class SourceScorer:
         self,
         answer: SparseSoftLabels,
         texts: Sequence[str],
-        source_offsets: list[list[tuple[int, int]]],
-        target_offsets: Sequence[Offsets],
+        source: tuple[list[list[int]], list[list[tuple[int, int]]]],
+        target: tuple[list[list[int]], list[list[tuple[int, int]]]],
         top_logprobs: torch.Tensor,
         top_ids: torch.Tensor,
     ) -> None:
-        """Copy each aligned source position's mapped candidates into ``answer`` (in place)."""
+        """Copy each aligned source position's mapped candidates into ``answer`` (in place).
+
+        ``source`` and ``target`` are ``(ids, offsets)`` per text. Positions where one side's next
+        token begins with a virtual space and the other's does not (``Alignment.space_shift``) get no
+        label: the candidates would spell one space more or less than the text.
+        """
+        source_spelling = TokenSpelling.of(self.source_tokenizer)
+        target_spelling = TokenSpelling.of(self.target_tokenizer)
         rows, positions, sources = [], [], []
         for row, text in enumerate(texts):
-            aligned = np.asarray(align_next_token_positions(source_offsets[row], target_offsets[row], text), dtype=np.int64)
-            if aligned.shape != (len(target_offsets[row]),) or aligned.max(initial=-1) >= len(source_offsets[row]):
-                raise ValueError(
-                    f"align_next_token_positions returned {aligned.shape} positions up to {aligned.max(initial=-1)} for "
-                    f"{len(target_offsets[row])} target and {len(source_offsets[row])} source tokens"
-                )
-            # The last target position has no next token, whatever the source says about the text's end.
-            hit = np.flatnonzero(aligned[: len(aligned) - 1] >= 0)
+            alignment = align_next_token_positions(source[0][row], source[1][row], source_spelling,
+                                                   target[0][row], target[1][row], target_spelling, text)
+            hit = np.flatnonzero((alignment.source >= 0) & (alignment.space_shift == 0))
             rows.append(np.full(hit.size, row))
             positions.append(hit)
-            sources.append(aligned[hit])
+            sources.append(alignment.source[hit])
         rows_t = torch.from_numpy(np.concatenate(rows)).long()
         positions_t = torch.from_numpy(np.concatenate(positions)).long()
         sources_t = torch.from_numpy(np.concatenate(sources)).long()
