@@ -43,7 +43,9 @@ def facts(tokenizer):
     if key not in _FACTS:
         vocab = tokenizer.get_vocab()
         missing = {byte for char, byte in GPT2_BYTES.items() if char not in vocab}
-        _FACTS[key] = (set(tokenizer.all_special_ids), set(tokenizer.backend_tokenizer.get_added_tokens_decoder()),
+        added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+        specials = set(tokenizer.all_special_ids) | {index for index, token in added.items() if token.special}
+        _FACTS[key] = (specials, set(added),
                        missing, tokenizer)  # the tokenizer is kept so that its id is not reused
     return _FACTS[key]
 
