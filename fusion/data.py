@@ -107,7 +107,8 @@ def chunk_documents(
     """Split documents into chunks of at most ``max_length`` tokens under every tokenizer.
 
     Token counts include the special tokens each tokenizer adds (BOS, CLS/SEP ...), i.e. they are
-    ``len(tokenizer(chunk)["input_ids"])``. Boundaries follow the module docstring.
+    ``len(tokenizer(chunk, split_special_tokens=True)["input_ids"])``: special-token strings in the
+    text count as the text they are. Boundaries follow the module docstring.
 
     Args:
         texts: documents; rows that are None, NaN, not str, whitespace only, or hold lone
@@ -249,7 +250,7 @@ class TextBatchCollator:
             if "text" not in row or "domain" not in row:
                 raise KeyError(f"every row needs 'text' and 'domain'; got keys {sorted(row)}")
         texts = [row["text"] for row in rows]
-        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=True, split_special_tokens=True, verbose=False)["input_ids"]
         lengths = [len(row_ids) for row_ids in ids]
         for index, length in enumerate(lengths):
             if length > self.max_length:
@@ -375,7 +376,8 @@ class _ChunkPlanner:
         # the arrays sorted where byte-level tokens of one character share or reorder offsets.
         self.starts, self.ends = [], []
         for tokenizer in tokenizers:
-            encoded = tokenizer(documents, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+            encoded = tokenizer(documents, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                                split_special_tokens=True, verbose=False)
             offsets = [np.asarray(pairs, dtype=np.int64).reshape(-1, 2) for pairs in encoded["offset_mapping"]]
             self.starts.append([np.maximum.accumulate(pairs[:, 0]) if len(pairs) else pairs[:, 0] for pairs in offsets])
             self.ends.append([np.maximum.accumulate(pairs[:, 1]) if len(pairs) else pairs[:, 1] for pairs in offsets])
@@ -469,7 +471,8 @@ class _ChunkPlanner:
         excess = np.zeros((len(texts), len(self.tokenizers)), dtype=np.int64)
         if texts:
             for k, tokenizer in enumerate(self.tokenizers):
-                ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+                ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, split_special_tokens=True,
+                                verbose=False)["input_ids"]
                 excess[:, k] = np.maximum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) - self.max_length, 0)
         return excess
 
