@@ -255,7 +255,7 @@ def _pick(candidates: list[int], source: Vocabulary, index: int, target: Vocabul
     return candidates[0]
 
 
-def _shifted(surface: bytes | None, shift: int) -> bytes | None:
+def shifted_surface(surface: bytes | None, shift: int) -> bytes | None:
     """The surface with one leading space less (-1) or more (+1); a surface without one loses none."""
     if surface is None or shift == 0:
         return surface
@@ -468,7 +468,7 @@ class VocabMap:
         tables = np.full((len(SPACE_SHIFTS), source_vocab_size), -1, dtype=np.int32)
         kinds = np.full((len(SPACE_SHIFTS), source_vocab_size), DROPPED, dtype=np.uint8)
         for row, shift in enumerate(SPACE_SHIFTS):
-            surfaces = [_shifted(surface, shift) for surface in source.surfaces]
+            surfaces = [shifted_surface(surface, shift) for surface in source.surfaces]
             _map_exact(surfaces, source, target, by_surface, tables[row], kinds[row])
             _map_projected(surfaces, projector, tables[row], kinds[row])
             _map_partial_characters(surfaces, source, target, by_surface, tables[row], kinds[row])

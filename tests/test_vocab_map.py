@@ -239,7 +239,7 @@ def test_projected_tokens_spell_a_prefix_of_the_source_token(real, source_name, 
         projected = np.flatnonzero(mapping.kinds[row] == PROJECTED)
         assert projected.size > 100
         for index in projected[:: max(1, projected.size // 1000)]:
-            surface = vocab_map._shifted(source_surfaces[index], shift).decode()
+            surface = vocab_map.shifted_surface(source_surfaces[index], shift).decode()
             spelled = target_surfaces[mapping.tables[row, index]]  # bytes: may be a piece of a character
             wanted = (fold.normalize_str(surface) if fold is not None else surface).encode()
             if drops_whitespace:  # whitespace is only a word break to it

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusion.alignment import TokenSpelling, align_next_token_positions
+from fusion.alignment import Boundaries, TokenSpelling, align_boundaries, token_boundaries
 from fusion.sources.answer import SparseSoftLabels
-from fusion.vocab_map import VocabMap
+from fusion.vocab_map import MidTextTokenizer, VocabMap, shifted_surface, spell_vocabulary
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -279,6 +279,16 @@ class SourceScorer:
             next_ids[row, : n - 1] = torch.where(is_text, following, -100)
         return input_ids.to(self.device), attention_mask.to(self.device), next_ids.to(self.device)
 
+    def _spellings(self):
+        """Source/target surfaces and the target's mid-text tokenizer, computed once per scorer."""
+        if getattr(self, "_spelled", None) is None:
+            source = spell_vocabulary(self.source_tokenizer, len(self.vocab_map.source_to_target))
+            target = spell_vocabulary(self.target_tokenizer)
+            # Labels inside source tokens compare raw text bytes: only for sources spelling the text as is.
+            inside = source.family in ("byte_level", "sentencepiece") and source.fold is None
+            self._spelled = (source.surfaces, target.surfaces, MidTextTokenizer(self.target_tokenizer, target), inside)
+        return self._spelled
+
     def _fill_aligned(
         self,
         answer: SparseSoftLabels,
@@ -288,31 +298,117 @@ class SourceScorer:
         top_logprobs: torch.Tensor,
         top_ids: torch.Tensor,
     ) -> None:
-        """Copy each aligned source position's mapped candidates into ``answer`` (in place).
+        """Fill ``answer`` (in place) with the mapped candidates of every target position that gets a label.
 
-        ``source`` and ``target`` are ``(ids, offsets)`` per text. Positions where one side's next
-        token begins with a virtual space and the other's does not (``Alignment.space_shift``) get no
-        label: the candidates would spell one space more or less than the text.
+        ``source`` and ``target`` are ``(ids, offsets)`` per text. Two kinds of positions get one:
+
+        * *aligned* (``fusion.alignment``): the source position predicting the token that starts where
+          the target's next token starts; its candidates are mapped at the alignment's space shift.
+        * *inside* a source token: the target's next token starts at character ``c`` inside source
+          token ``m``, whose first characters ``seen = text[start_m:c]`` the target has already
+          consumed. The source's distribution at position ``m - 1`` (over token ``m``), restricted to
+          the candidates that spell ``seen`` and more and renormalised over them, is the source's
+          belief about what follows ``text[:c]``; each such candidate maps to the target token that
+          starts the target's tokenization of its remainder (the text after ``seen``). Only for
+          sources whose tokens spell the raw text (byte-level BPE, SentencePiece), and where neither
+          token spells a virtual space.
+
+        In both, where the source's own next token spells less of the text than the target's next
+        token (the source splits digits where the target keeps "201"), a candidate whose text is a
+        proper prefix of the target's next token maps to that token: the text says that is what the
+        target emits for the continuation the candidate begins.
         """
+        source_surfaces, target_surfaces, mid_text, inside_allowed = self._spellings()
         source_spelling = TokenSpelling.of(self.source_tokenizer)
         target_spelling = TokenSpelling.of(self.target_tokenizer)
-        rows, positions, sources = [], [], []
+        k = top_ids.shape[-1]
         for row, text in enumerate(texts):
-            alignment = align_next_token_positions(source[0][row], source[1][row], source_spelling,
-                                                   target[0][row], target[1][row], target_spelling, text)
-            hit = np.flatnonzero((alignment.source >= 0) & (alignment.space_shift == 0))
-            rows.append(np.full(hit.size, row))
-            positions.append(hit)
-            sources.append(alignment.source[hit])
-        rows_t = torch.from_numpy(np.concatenate(rows)).long()
-        positions_t = torch.from_numpy(np.concatenate(positions)).long()
-        sources_t = torch.from_numpy(np.concatenate(sources)).long()
-        if rows_t.numel() == 0:
+            source_ids, target_ids = source[0][row], target[0][row]
+            source_bounds = token_boundaries(source_ids, source[1][row], text, source_spelling)
+            target_bounds = token_boundaries(target_ids, target[1][row], text, target_spelling)
+            alignment = align_boundaries(source_bounds, target_bounds, len(text))
+            hit = np.flatnonzero(alignment.source >= 0)
+            if hit.size:
+                mapped, dropped = self.vocab_map.map_topk(top_ids[row, alignment.source[hit]].numpy(),
+                                                          alignment.space_shift[hit])
+                for slot, t in enumerate(hit):
+                    gold = target_surfaces[target_ids[t + 1]]
+                    shift = int(alignment.space_shift[t])
+                    ids_row = mapped[slot].astype(np.int64)
+                    actual = shifted_surface(source_surfaces[source_ids[alignment.source[t] + 1]], shift)
+                    if _spells_less(actual, gold):
+                        for c, candidate in enumerate(top_ids[row, alignment.source[t]].tolist()):
+                            if _spells_less(shifted_surface(source_surfaces[candidate], shift), gold):
+                                ids_row[c], dropped[slot, c] = target_ids[t + 1], False
+                    self._write(answer, row, int(t), ids_row, dropped[slot], top_logprobs[row, alignment.source[t]])
+            if inside_allowed:
+                self._fill_inside(answer, row, text, source_ids, source_bounds, target_ids, target_bounds,
+                                  alignment.source, top_logprobs[row], top_ids[row], source_surfaces,
+                                  target_surfaces, mid_text)
+
+    def _fill_inside(self, answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
+                     target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
+                     mid_text: MidTextTokenizer) -> None:
+        """Labels of the target positions whose next token starts inside a source token (``_fill_aligned``)."""
+        starting = np.flatnonzero(source_bounds.starts >= 0)
+        if starting.size == 0:
             return
-        mapped, dropped = self.vocab_map.map_topk(top_ids[rows_t, sources_t].numpy())
-        mapped = torch.as_tensor(np.asarray(mapped), dtype=torch.int32)
-        dropped = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
-        logprobs = top_logprobs[rows_t, sources_t].masked_fill(dropped, float("-inf"))
-        answer.indices[rows_t, positions_t] = mapped.masked_fill(dropped, 0)
-        answer.logprobs[rows_t, positions_t] = logprobs.to(answer.logprobs.dtype)
-        answer.valid[rows_t, positions_t] = ~dropped.all(dim=1)
+        pending = []  # (t, kept candidate slots, remainders)
+        for t in range(len(target_ids) - 1):
+            c = int(target_bounds.starts[t + 1])
+            if aligned[t] >= 0 or c < 0 or target_bounds.virtual[t + 1]:
+                continue
+            m = int(starting[np.searchsorted(source_bounds.starts[starting], c, side="right") - 1]) \
+                if source_bounds.starts[starting[0]] < c else -1
+            if m < 1 or source_bounds.virtual[m] or c >= source_bounds.ends[m]:
+                continue
+            seen = text[source_bounds.starts[m]:c].encode("utf-8")
+            if not (source_surfaces[source_ids[m]] or b"").startswith(seen):
+                continue  # the token does not spell the text here (dropped bytes)
+            slots, remainders = [], []
+            for slot, candidate in enumerate(ids[m - 1].tolist()):
+                surface = source_surfaces[candidate]
+                if surface and len(surface) > len(seen) and surface.startswith(seen):
+                    slots.append(slot)
+                    remainders.append(surface[len(seen):])
+            if slots:
+                resolve = _spells_less(source_surfaces[source_ids[m]][len(seen):], target_surfaces[target_ids[t + 1]])
+                pending.append((t, m - 1, slots, remainders, resolve))
+        if not pending:
+            return
+        texts = [r.decode("utf-8", errors="ignore") for _, _, _, rs, _ in pending for r in rs]
+        first = iter(mid_text.first_tokens(texts).tolist())
+        k = ids.shape[-1]
+        for t, position, slots, remainders, resolve in pending:
+            gold_id = target_ids[t + 1]
+            gold = target_surfaces[gold_id]
+            mapped = np.zeros(k, dtype=np.int64)
+            dropped = np.ones(k, dtype=bool)
+            for slot, remainder in zip(slots, remainders):
+                projected = next(first)
+                if resolve and _spells_less(remainder, gold):
+                    projected = gold_id
+                elif remainder.decode("utf-8", errors="ignore").encode() != remainder:
+                    projected = -1  # a piece of a character: no text to project
+                if projected >= 0:
+                    mapped[slot], dropped[slot] = projected, False
+            kept = torch.from_numpy(~dropped)
+            if not kept.any():
+                continue
+            row_logprobs = logprobs[position].clone()
+            # Renormalised over the candidates that extend what the target has seen.
+            row_logprobs[kept] -= torch.logsumexp(row_logprobs[kept], dim=0)
+            self._write(answer, row, t, mapped, dropped, row_logprobs)
+
+    @staticmethod
+    def _write(answer: SparseSoftLabels, row: int, t: int, mapped: np.ndarray, dropped: np.ndarray,
+               logprobs: torch.Tensor) -> None:
+        dropped_t = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
+        answer.indices[row, t] = torch.as_tensor(np.asarray(mapped), dtype=torch.int32).masked_fill(dropped_t, 0)
+        answer.logprobs[row, t] = logprobs.masked_fill(dropped_t, float("-inf")).to(answer.logprobs.dtype)
+        answer.valid[row, t] = not bool(dropped_t.all())
+
+
+def _spells_less(surface: bytes | None, gold: bytes | None) -> bool:
+    """Whether ``surface`` is a non-empty proper prefix of ``gold``."""
+    return bool(surface) and bool(gold) and len(surface) < len(gold) and gold.startswith(surface)
