@@ -4,8 +4,8 @@ Both tokenizers see the same text. Target position ``t`` predicts target token `
 at character ``c``; source position ``j`` is aligned to ``t`` when source token ``j + 1`` also starts
 at ``c``. Then both distributions are over "what follows ``text[:c]``", so the source's candidates,
 mapped to target token ids, are a soft label for target position ``t``. Positions without such a
-shared boundary get no label from this rule (``-1``); ``inside_source_tokens`` finds, for them, the
-source token the boundary lies in (see ``fusion.sources.scoring`` for the label derived there).
+shared boundary get no label from this rule (``-1``); ``fusion.sources.scoring`` labels those whose
+boundary lies inside a source token. ``docs/ALIGNMENT.md`` states every rule and how it is tested.
 
 Where a token starts is read from what the token *spells* (its surface, from
 ``fusion.vocab_map.spell_vocabulary``: the bytes it adds to the text), placed on the text by its
@@ -124,7 +124,7 @@ class Boundaries:
         starts: int64 ``(L,)``, the character each token starts at, -1 where it starts none; the
             entries that are not -1 strictly increase.
         virtual: bool ``(L,)``, the token's first surface space is not in the text (module docstring).
-        ends: int64 ``(L,)``, the end of each token's character span (for ``inside_source_tokens``).
+        ends: int64 ``(L,)``, the end of each token's character span (byte-fallback runs resolved).
     """
 
     starts: np.ndarray
