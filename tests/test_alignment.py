@@ -15,14 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from alignment_reference import GPT2_BYTES, facts, reference_alignment, reference_boundaries
+from alignment_reference import facts, reference_alignment, reference_boundaries
 from fusion.alignment import TokenSpelling, align_next_token_positions, token_boundaries
 
 TRAINING_TEXT = [

@@ -247,7 +247,7 @@ class SourceScorer:
         top_logprobs, top_ids, gold_logprob = top_logprobs.cpu(), top_ids.cpu(), gold_logprob.cpu()
 
         answer = SparseSoftLabels.empty(len(texts), length, self.top_k, self.dtype)
-        self._fill_aligned(answer, texts, (ids, source_offsets), (target_ids, own_offsets), top_logprobs, top_ids)
+        self._fill_labels(answer, texts, (ids, source_offsets), (target_ids, own_offsets), top_logprobs, top_ids)
         scored = (next_ids >= 0).cpu()
         for row, text in enumerate(texts):
             count = int(scored[row].sum())
@@ -289,7 +289,7 @@ class SourceScorer:
             self._spelled = (source.surfaces, target.surfaces, MidTextTokenizer(self.target_tokenizer, target), inside)
         return self._spelled
 
-    def _fill_aligned(
+    def _fill_labels(
         self,
         answer: SparseSoftLabels,
         texts: Sequence[str],
@@ -321,7 +321,6 @@ class SourceScorer:
         source_surfaces, target_surfaces, mid_text, inside_allowed = self._spellings()
         source_spelling = TokenSpelling.of(self.source_tokenizer)
         target_spelling = TokenSpelling.of(self.target_tokenizer)
-        k = top_ids.shape[-1]
         for row, text in enumerate(texts):
             source_ids, target_ids = source[0][row], target[0][row]
             source_bounds = token_boundaries(source_ids, source[1][row], text, source_spelling)
@@ -349,7 +348,7 @@ class SourceScorer:
     def _fill_inside(self, answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
                      target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
                      mid_text: MidTextTokenizer) -> None:
-        """Labels of the target positions whose next token starts inside a source token (``_fill_aligned``)."""
+        """Labels of the target positions whose next token starts inside a source token (``_fill_labels``)."""
         starting = np.flatnonzero(source_bounds.starts >= 0)
         if starting.size == 0:
             return
