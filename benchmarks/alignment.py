@@ -39,7 +39,7 @@ from rapidfuzz.distance import Levenshtein
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion.alignment import align_next_token_positions, token_starts  # noqa: E402
+from fusion.alignment import TokenSpelling, align_next_token_positions, token_boundaries  # noqa: E402
 
 FAMILIES = ("smollm2", "gemma3", "gpt2", "mistral-v1", "minilm-wordpiece")
 TOKENS_PER_TEXT = 1024
@@ -47,7 +47,7 @@ BAR_SPEEDUP = 50.0
 
 DEFINITIONS = {
     "positions_per_s": "target positions aligned per second of wall time on one thread, tokenisation "
-                       "excluded (ours: fast-tokenizer offsets given; DTW: token strings given, edit "
+                       "excluded (ours: fast-tokenizer ids and offsets and each tokenizer's TokenSpelling given; DTW: token strings given, edit "
                        "distances included); ours is the best of --repeats runs per text",
     "valid_share (ours)": "share of target positions t < L_tgt - 1 with a source position j whose next "
                           "token starts where target token t + 1 starts (fusion.alignment)",
@@ -171,8 +171,7 @@ def _backtrack(matrix: np.ndarray) -> list[list[int]]:
     return [mapping[::-1] for mapping in mappings]
 
 
-def dtw_shares(target_to_source, source_offsets, target_offsets, text, ours) -> dict:
-    source_starts, target_starts = token_starts(source_offsets, text), token_starts(target_offsets, text)
+def dtw_shares(target_to_source, source_starts, target_starts, ours) -> dict:
     positions = len(target_starts) - 1
     one_to_one = valid = 0
     covered = True
@@ -200,11 +199,17 @@ def benchmark_pair(tokenizers: dict, source: str, target: str, encodings: dict, 
                    dtw_texts: int, repeats: int) -> dict:
     ours_time = ours_positions = ours_valid = ours_counted = 0.0
     aligned_per_text = []
+    spelling = {name: TokenSpelling.of(tokenizers[name]) for name in (source, target)}
+    starts = {}
     for index, text in enumerate(texts):
-        source_offsets, target_offsets = encodings[source][index]["offset_mapping"], encodings[target][index]["offset_mapping"]
-        ours_time += best_time(lambda: align_next_token_positions(source_offsets, target_offsets, text), repeats)
-        aligned = align_next_token_positions(source_offsets, target_offsets, text)
+        source_encoding, target_encoding = encodings[source][index], encodings[target][index]
+        arguments = (source_encoding["input_ids"], source_encoding["offset_mapping"], spelling[source],
+                     target_encoding["input_ids"], target_encoding["offset_mapping"], spelling[target], text)
+        ours_time += best_time(lambda: align_next_token_positions(*arguments), repeats)
+        aligned = align_next_token_positions(*arguments).source
         aligned_per_text.append(aligned)
+        starts[index] = [token_boundaries(encoding["input_ids"], encoding["offset_mapping"], text, spelling[name]).starts
+                         for name, encoding in ((source, source_encoding), (target, target_encoding))]
         ours_positions += len(aligned)
         ours_valid += int((aligned >= 0).sum())
         ours_counted += len(aligned) - 1
@@ -224,8 +229,7 @@ def benchmark_pair(tokenizers: dict, source: str, target: str, encodings: dict, 
         if vectorised != target_to_source:
             raise RuntimeError(f"{source} -> {target}: the vectorised DTW disagrees with FuseLLM's")
         dtw_positions += len(target_tokens)
-        shares = dtw_shares(target_to_source, encodings[source][index]["offset_mapping"],
-                            encodings[target][index]["offset_mapping"], text, aligned_per_text[index])
+        shares = dtw_shares(target_to_source, *starts[index], aligned_per_text[index])
         for key in ("one_to_one", "valid", "positions"):
             totals[key] += shares[key]
         totals["covered"] &= shares["covered"]
@@ -289,7 +293,8 @@ def main() -> int:
     reference = "gpt2" if "gpt2" in tokenizers else next(iter(tokenizers))
     documents, origin = long_documents(args.corpus)
     texts = cut_texts(documents, tokenizers[reference], args.texts)
-    encodings = {name: [tok(text, return_offsets_mapping=True) for text in texts] for name, tok in tokenizers.items()}
+    encodings = {name: [tok(text, return_offsets_mapping=True, split_special_tokens=True) for text in texts]
+                 for name, tok in tokenizers.items()}
 
     results = []
     for source, target in itertools.permutations(tokenizers, 2):

@@ -56,7 +56,8 @@ if TYPE_CHECKING:  # annotations only: importing transformers costs seconds, and
 IGNORE_INDEX = -100
 # Bump when chunk boundaries change, so chunked splits cached by build_chunked_split are redone.
 # 2: documents planned in windows (window_chars), "all" as the domain of unlabelled rows.
-CHUNKING_VERSION = 2
+# 3: special-token strings in the text are tokenized as text (split_special_tokens) on every side.
+CHUNKING_VERSION = 3
 _REPORT_NAME = "chunk_report.json"
 # Chunks planned per document before they are verified: bounds the work a failed chunk wastes.
 _CHUNKS_PER_ROUND = 32
@@ -146,7 +147,8 @@ def chunk_documents(
     """Split documents into chunks of at most ``max_length`` tokens under every tokenizer.
 
     Token counts include the special tokens each tokenizer adds (BOS, CLS/SEP ...), i.e. they are
-    ``len(tokenizer(chunk)["input_ids"])``. Boundaries follow the module docstring.
+    ``len(tokenizer(chunk, split_special_tokens=True)["input_ids"])``: special-token strings in the
+    text count as the text they are. Boundaries follow the module docstring.
 
     Args:
         texts: documents; rows that are None, NaN, not str, whitespace only, or hold lone
@@ -315,7 +317,7 @@ class TextBatchCollator:
             if "text" not in row or "domain" not in row:
                 raise KeyError(f"every row needs 'text' and 'domain'; got keys {sorted(row)}")
         texts = [row["text"] for row in rows]
-        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=True, split_special_tokens=True, verbose=False)["input_ids"]
         lengths = [len(row_ids) for row_ids in ids]
         for index, length in enumerate(lengths):
             if length > self.max_length:
@@ -462,7 +464,8 @@ class _ChunkPlanner:
             for low, high in _batches([end - start for _, start, end in windows], _GROUP_CHARS):
                 batch = windows[low:high]
                 encoded = tokenizer([documents[index][start:end] for index, start, end in batch], add_special_tokens=False,
-                                    return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+                                    return_offsets_mapping=True, return_attention_mask=False, split_special_tokens=True,
+                                    verbose=False)
                 for (index, start, _), pairs in zip(batch, encoded["offset_mapping"]):
                     pieces[index].append(np.asarray(pairs, dtype=np.int64).reshape(-1, 2) + start)
             offsets = [np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64) for parts in pieces]
@@ -573,7 +576,8 @@ class _ChunkPlanner:
         excess = np.zeros((len(texts), len(self.tokenizers)), dtype=np.int64)
         if texts:
             for k, tokenizer in enumerate(self.tokenizers):
-                ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+                ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, split_special_tokens=True,
+                                verbose=False)["input_ids"]
                 excess[:, k] = np.maximum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) - self.max_length, 0)
         return excess
 

@@ -77,7 +77,8 @@ def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int, max_len
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, leave=False):
         batch = list(texts[start:start + batch_size])
-        encoded = tokenizer(batch, add_special_tokens=True)["input_ids"]
+        # Special-token strings in the text are text, as in chunking and training.
+        encoded = tokenizer(batch, add_special_tokens=True, split_special_tokens=True)["input_ids"]
         too_long = [len(ids) for ids in encoded if len(ids) > max_length]
         if too_long:
             raise ValueError(f"a text tokenises to {max(too_long)} tokens > max_length={max_length}; chunk the corpus first")

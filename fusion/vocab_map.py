@@ -15,23 +15,30 @@ Every token is first decoded to its *surface*: the bytes it contributes to the t
 * Added tokens that are not special spell their content (Gemma's ``\n\n``, ``▁▁``); special tokens
   spell nothing.
 
-Each source id is then mapped, in this order of preference:
+* End-of-word-suffix BPE (CLIP): ``photo</w>`` spells ``photo`` and ends a word (``ends_word``).
+
+Each source id is then mapped, in this order of preference, to one target id per *space shift*
+(``fusion.alignment.Alignment.space_shift``: 0, or one leading space less (-1) or more (+1), where
+one side's next token spells a space the text does not have, e.g. a SentencePiece dummy prefix):
 
 1. *exact*: a target token with the same surface, trying the surface as is and then folded by the
    target's own case/accent/Unicode normaliser (an uncased WordPiece target sees `` The`` as
    `` the``). Special tokens map to the target special token with the same content, else
    EOS to EOS and BOS to BOS.
-2. *byte_fallback*: a surface that is not valid UTF-8 (a piece of a multi-byte character) maps to
+2. *projected*: the first token of the target's own tokenization of the surface, as text in the
+   middle of a document (no BOS, no dummy prefix): the token the target would emit first for that
+   continuation. This is the projection X-Token (2026) uses; a source token may map to a target
+   token that spells less (``" turnkey"`` -> ``" turn"``), never to one chosen by spelling
+   similarity. A source token that spells *less* than the target's (SmolLM2's single digits, ``"2"``
+   where the target has ``"201"``) projects onto the target's short token; at a real position the
+   scorer replaces it by the target's next token when that one spells the candidate and more of
+   the text (``fusion.sources.scoring``).
+3. *byte_fallback*: a surface that is not valid UTF-8 (a piece of a multi-byte character) maps to
    the target token spelling its longest proper prefix, typically the target's single-byte token
    (``<0xNN>`` or a byte-alphabet token): what a target that spells the character in bytes emits
    first. Without such a prefix (WordPiece has no byte tokens) it is dropped.
-3. *nearest*: the target token at the smallest Levenshtein distance (FuseLLM's MinED, ties to the
-   lowest id) among those at most ``max_edits`` edits and at most ``max_normalized_distance`` times
-   the longer length away. The default of one edit keeps what edit distance gets right (case,
-   accents, a leading space, a plural ``s``); two edits map many words to unrelated ones
-   (`` Fighter`` -> `` lighter``, `` predator`` -> `` creator`` between GPT-2 and Mistral) and
-   cost several times more.
-4. *dropped*: -1, also for ids of a padded vocabulary beyond the tokenizer.
+4. *dropped*: -1, when the target cannot spell the surface at all (its unknown token, or nothing),
+   and for ids of a padded vocabulary beyond the tokenizer.
 """
 from __future__ import annotations
 
@@ -46,15 +53,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
-from tokenizers import normalizers
+from tokenizers import Tokenizer, normalizers
 
-# Bump whenever a change alters any mapping, so that cached maps are rebuilt.
-ALGORITHM_VERSION = 1
+# Bump whenever a change alters any mapping, so that cached maps are rebuilt (2: projection, space shifts).
+ALGORITHM_VERSION = 2
 
-DROPPED, EXACT, BYTE_FALLBACK, NEAREST = 0, 1, 2, 3
-_KIND_NAMES = {EXACT: "exact", BYTE_FALLBACK: "byte_fallback", NEAREST: "nearest", DROPPED: "dropped"}
+DROPPED, EXACT, BYTE_FALLBACK, PROJECTED = 0, 1, 2, 3
+_KIND_NAMES = {EXACT: "exact", PROJECTED: "projected", BYTE_FALLBACK: "byte_fallback", DROPPED: "dropped"}
+SPACE_SHIFTS = (0, -1, 1)
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -95,50 +101,84 @@ def _bert_splits_alone(char: str) -> bool:
 
 
 @dataclass
-class _Vocabulary:
-    """What every id of one tokenizer spells. Arrays have one entry per id below ``size``."""
+class Vocabulary:
+    """What every id of one tokenizer spells. Arrays have one entry per id below ``size``.
 
-    surfaces: list[bytes | None]  # None: special token or id without a token
-    is_byte_token: np.ndarray  # bool, SentencePiece <0xNN>
-    is_continuation: np.ndarray  # bool, WordPiece ##
-    specials: dict[str, int]  # content -> id
+    Attributes:
+        family: ``byte_level``, ``sentencepiece`` (BPE or Unigram with ``▁``), ``wordpiece`` or
+            ``end_of_word`` (BPE with a ``</w>``-style suffix, CLIP).
+        surfaces: the bytes each id adds to the text; None for special tokens and ids without a token.
+        is_byte_token: SentencePiece ``<0xNN>``.
+        is_continuation: WordPiece ``##``.
+        ends_word: ``end_of_word`` tokens carrying the suffix (the suffix is not in the surface).
+        specials: special token content -> id.
+        eos_id, bos_id: the tokenizer's EOS/BOS ids when it has them.
+        fold: the tokenizer's case/accent/Unicode normalisation, None when it has none.
+    """
+
+    family: str
+    surfaces: list[bytes | None]
+    is_byte_token: np.ndarray
+    is_continuation: np.ndarray
+    ends_word: np.ndarray
+    specials: dict[str, int]
     eos_id: int | None
     bos_id: int | None
-    fold: normalizers.Normalizer | None  # the tokenizer's case/accent/Unicode normalisation
+    fold: normalizers.Normalizer | None
 
 
-def _describe(tokenizer, size: int) -> _Vocabulary:
+def _family(backend, pre_and_decoder: list[dict], normalizer_parts: list[dict], tokenizer) -> str:
+    model = type(backend.model).__name__
+    types = {part["type"] for part in pre_and_decoder}
+    if model == "WordPiece":
+        return "wordpiece"
+    if "ByteLevel" in types:
+        return "byte_level"
+    if model == "BPE" and getattr(backend.model, "end_of_word_suffix", None):
+        return "end_of_word"
+    if "Metaspace" in types or any(
+        part["type"] in ("Replace", "Prepend")
+        and "▁" in (part.get("pattern", {}).get("String", ""), part.get("content", ""), part.get("prepend", ""))
+        for part in pre_and_decoder + normalizer_parts
+    ):
+        return "sentencepiece"
+    raise ValueError(
+        f"cannot tell how the tokens of {type(tokenizer).__name__} {tokenizer.name_or_path!r} spell text: "
+        f"model {model}, pre-tokenizer/decoder parts {sorted(types)}; supported families are "
+        "byte-level BPE (ByteLevel), SentencePiece BPE/Unigram (Metaspace or a '▁' Replace/Prepend), "
+        "WordPiece and end-of-word-suffix BPE (CLIP's '</w>')"
+    )
+
+
+def spell_vocabulary(tokenizer, size: int | None = None) -> Vocabulary:
+    """What each id of a fast tokenizer spells (module docstring), for ids below ``size``.
+
+    Args:
+        tokenizer: a fast (``tokenizers``-backed) Hugging Face tokenizer.
+        size: ids to describe; default ``len(tokenizer)``. Ids beyond the tokenizer spell nothing.
+
+    Raises:
+        ValueError: the tokenizer's family is not one of the four recognised.
+    """
+    size = len(tokenizer) if size is None else size
     backend = tokenizer.backend_tokenizer
 
     def spec(component) -> list[dict]:
         return _components(json.loads(component.__getstate__())) if component is not None else []
 
-    model = type(backend.model).__name__
     pre_and_decoder = spec(backend.pre_tokenizer) + spec(backend.decoder)
     normalizer_parts = spec(backend.normalizer)
+    family = _family(backend, pre_and_decoder, normalizer_parts, tokenizer)
     types = {part["type"] for part in pre_and_decoder}
-    if model == "WordPiece":
-        family = "wordpiece"
-    elif "ByteLevel" in types:
-        family = "byte_level"
-    elif "Metaspace" in types or any(
-        part["type"] == "Replace" and "▁" in (part.get("pattern", {}).get("String", ""), part.get("content", ""))
-        for part in pre_and_decoder + normalizer_parts
-    ):
-        family = "sentencepiece"
-    else:
-        raise ValueError(
-            f"cannot tell how the tokens of {type(tokenizer).__name__} {tokenizer.name_or_path!r} spell text: "
-            f"model {model}, pre-tokenizer/decoder parts {sorted(types)}; supported families are "
-            "byte-level BPE (ByteLevel), SentencePiece (Metaspace or a '▁' Replace) and WordPiece"
-        )
     byte_fallback = bool(getattr(backend.model, "byte_fallback", False)) or "ByteFallback" in types
     prefix = getattr(backend.model, "continuing_subword_prefix", None) or "##"
+    suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
 
     added = backend.get_added_tokens_decoder()
     surfaces: list[bytes | None] = [None] * size
     is_byte_token = np.zeros(size, dtype=bool)
     is_continuation = np.zeros(size, dtype=bool)
+    ends_word = np.zeros(size, dtype=bool)
     specials = {}
     for token, index in backend.get_vocab(with_added_tokens=True).items():
         if index >= size:
@@ -157,6 +197,9 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
             byte = _BYTE_TOKEN.match(token) if byte_fallback else None
             is_byte_token[index] = byte is not None
             surfaces[index] = bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode()
+        elif family == "end_of_word":
+            ends_word[index] = token.endswith(suffix)
+            surfaces[index] = (token[: -len(suffix)] if ends_word[index] else token).encode()
         elif token.startswith(prefix):
             is_continuation[index] = True
             surfaces[index] = token[len(prefix):].encode()
@@ -180,10 +223,12 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
         index = getattr(tokenizer, attribute, None)
         return index if index is not None and index < size else None
 
-    return _Vocabulary(
+    return Vocabulary(
+        family=family,
         surfaces=surfaces,
         is_byte_token=is_byte_token,
         is_continuation=is_continuation,
+        ends_word=ends_word,
         specials=specials,
         eos_id=special_id("eos_token_id"),
         bos_id=special_id("bos_token_id"),
@@ -191,7 +236,7 @@ def _describe(tokenizer, size: int) -> _Vocabulary:
     )
 
 
-def _by_surface(vocabulary: _Vocabulary) -> dict[bytes, list[int]]:
+def _by_surface(vocabulary: Vocabulary) -> dict[bytes, list[int]]:
     index_of: dict[bytes, list[int]] = {}
     for index, surface in enumerate(vocabulary.surfaces):
         if surface is not None:
@@ -199,7 +244,7 @@ def _by_surface(vocabulary: _Vocabulary) -> dict[bytes, list[int]]:
     return index_of
 
 
-def _pick(candidates: list[int], source: _Vocabulary, index: int, target: _Vocabulary) -> int:
+def _pick(candidates: list[int], source: Vocabulary, index: int, target: Vocabulary) -> int:
     """Choose among target tokens that spell the same bytes (SentencePiece "▁" and "<0x20>",
     WordPiece "," and "##,"): the first of the same sort as the source token, so that identical
     tokenizers map to the identity, else the lowest id."""
@@ -210,9 +255,18 @@ def _pick(candidates: list[int], source: _Vocabulary, index: int, target: _Vocab
     return candidates[0]
 
 
-def _map_exact(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes, list[int]],
-               table: np.ndarray, kind: np.ndarray) -> None:
-    for index, surface in enumerate(source.surfaces):
+def shifted_surface(surface: bytes | None, shift: int) -> bytes | None:
+    """The surface with one leading space less (-1) or more (+1); a surface without one loses none."""
+    if surface is None or shift == 0:
+        return surface
+    if shift < 0:
+        return surface[1:] if surface.startswith(b" ") and len(surface) > 1 else surface
+    return b" " + surface
+
+
+def _map_exact(surfaces: list[bytes | None], source: Vocabulary, target: Vocabulary,
+               by_surface: dict[bytes, list[int]], table: np.ndarray, kind: np.ndarray) -> None:
+    for index, surface in enumerate(surfaces):
         if surface is None:
             continue
         candidates = by_surface.get(surface)
@@ -234,11 +288,89 @@ def _map_exact(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes,
             table[index], kind[index] = mapped, EXACT
 
 
-def _map_partial_characters(source: _Vocabulary, target: _Vocabulary, by_surface: dict[bytes, list[int]],
-                            table: np.ndarray, kind: np.ndarray) -> None:
+def _without_dummy_prefix(component: dict | None) -> dict | None:
+    """A normaliser or pre-tokenizer spec that adds no dummy-prefix space at the start of a text."""
+    if component is None:
+        return None
+    kind = component.get("type")
+    for key in ("normalizers", "pretokenizers"):
+        if kind == "Sequence" and key in component:
+            parts = [_without_dummy_prefix(part) for part in component[key]]
+            return {**component, key: [part for part in parts if part is not None]}
+    if kind == "Prepend" or (kind == "Replace" and component.get("pattern", {}).get("Regex") in ("\\A", "^")):
+        return None
+    if kind == "Metaspace":
+        return {**component, "prepend_scheme": "never", "add_prefix_space": False}
+    if kind == "ByteLevel":
+        return {**component, "add_prefix_space": False}
+    return component
+
+
+class MidTextTokenizer:
+    """A target tokenizer that encodes a string as if it stood in the middle of a document: no special
+    tokens, no dummy prefix. ``first_tokens`` gives the token each string's tokenization starts with.
+    """
+
+    def __init__(self, tokenizer, vocabulary: Vocabulary):
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec["post_processor"] = None
+        spec["truncation"] = None
+        spec["padding"] = None
+        spec["normalizer"] = _without_dummy_prefix(spec.get("normalizer"))
+        spec["pre_tokenizer"] = _without_dummy_prefix(spec.get("pre_tokenizer"))
+        self.backend = Tokenizer.from_str(json.dumps(spec))
+        self.unknown = getattr(tokenizer, "unk_token_id", None)
+        # WordPiece cannot begin a text inside a word: a continuation is encoded after an anchor word.
+        self.anchor = "a" if vocabulary.family == "wordpiece" else ""
+        # WordPiece and CLIP drop whitespace: their first token starts after it.
+        self.drops_whitespace = vocabulary.family in ("wordpiece", "end_of_word")
+
+    def first_tokens(self, texts: list[str]) -> np.ndarray:
+        """int64 ``(len(texts),)``: the first token of each text's tokenization that starts at its first
+        character, -1 where none does (the target merges it with what precedes, or spells it unknown)."""
+        result = np.full(len(texts), -1, dtype=np.int64)
+        needs_anchor = [bool(self.anchor) and not text.startswith(" ") for text in texts]
+        encodings = self.backend.encode_batch(
+            [self.anchor + text if anchor else text for text, anchor in zip(texts, needs_anchor)],
+            add_special_tokens=False)
+        for row, (encoding, anchor) in enumerate(zip(encodings, needs_anchor)):
+            begin = len(self.anchor) if anchor else 0
+            if self.drops_whitespace and not anchor:
+                begin = len(texts[row]) - len(texts[row].lstrip())
+            for token, (start, end) in zip(encoding.ids, encoding.offsets):
+                if end <= begin and not (start == end == begin):
+                    continue
+                if start == begin and end > start and token != self.unknown:
+                    result[row] = token
+                break
+        return result
+
+
+def _map_projected(surfaces: list[bytes | None], projector: MidTextTokenizer,
+                   table: np.ndarray, kind: np.ndarray) -> None:
+    """Ids still unmapped whose surface is text map to the first token of the target's tokenization."""
+    texts, indices = [], []
+    for index, surface in enumerate(surfaces):
+        if surface is None or kind[index] != DROPPED:
+            continue
+        try:
+            texts.append(surface.decode())
+        except UnicodeDecodeError:
+            continue
+        indices.append(index)
+    if not texts:
+        return
+    first = projector.first_tokens(texts)
+    found = first >= 0
+    rows = np.asarray(indices)[found]
+    table[rows], kind[rows] = first[found], PROJECTED
+
+
+def _map_partial_characters(surfaces: list[bytes | None], source: Vocabulary, target: Vocabulary,
+                            by_surface: dict[bytes, list[int]], table: np.ndarray, kind: np.ndarray) -> None:
     """Pieces of a multi-byte character map to the target token spelling their longest prefix: for a
     target that spells the character in bytes, the token it emits first (often ``<0xNN>``)."""
-    for index, surface in enumerate(source.surfaces):
+    for index, surface in enumerate(surfaces):
         if surface is None or kind[index] != DROPPED:
             continue
         try:
@@ -251,99 +383,6 @@ def _map_partial_characters(source: _Vocabulary, target: _Vocabulary, by_surface
             if candidates is not None:
                 table[index], kind[index] = _pick(candidates, source, index, target), BYTE_FALLBACK
                 break
-
-
-def _deletion_keys(text: str, depth: int) -> set[str]:
-    """Every string obtained from ``text`` by deleting at most ``depth`` characters."""
-    keys = {text}
-    frontier = {text}
-    for _ in range(depth):
-        frontier = {word[:i] + word[i + 1:] for word in frontier for i in range(len(word))}
-        keys |= frontier
-    return keys
-
-
-def _deletion_depth(length: int, cutoff: float, max_edits: int) -> int:
-    """Most characters a string of ``length`` characters must lose to reach a key it shares with a
-    match. For a partner of length ``m`` within ``k`` edits, the string loses its substituted and
-    deleted characters, ``k - max(0, m - length)`` at most, with ``k <= cutoff * max(length, m)``;
-    this is largest for partners no longer than the string: ``cutoff * length``."""
-    return min(max_edits, int(cutoff * length + 1e-9))
-
-
-def _key_table(texts: list[str], cutoff: float, max_edits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hash of a deletion key, index of the text it came from), sorted by hash."""
-    hashes, owners = [], []
-    for owner, text in enumerate(texts):
-        keys = _deletion_keys(text, _deletion_depth(len(text), cutoff, max_edits))
-        hashes.extend(hash(key) for key in keys)
-        owners.extend([owner] * len(keys))
-    hashes = np.asarray(hashes, dtype=np.int64)
-    owners = np.asarray(owners, dtype=np.int64)
-    order = np.argsort(hashes, kind="stable")
-    return hashes[order], owners[order]
-
-
-def _map_nearest(source: _Vocabulary, target: _Vocabulary, table: np.ndarray, kind: np.ndarray,
-                 cutoff: float, max_edits: int) -> None:
-    """Strings within ``d`` edits of each other become equal after deleting at most ``d`` characters
-    from each (the substituted and inserted ones), so joining the two sides on their deletion keys
-    finds every pair within ``max_edits`` edits without comparing every pair; the candidates are
-    then checked with the exact Levenshtein distance."""
-    choices: dict[str, int] = {}
-    for index, surface in enumerate(target.surfaces):
-        if surface is None or target.is_byte_token[index]:
-            continue
-        try:
-            choices.setdefault(surface.decode(), index)
-        except UnicodeDecodeError:
-            continue
-    queries, query_ids = [], []
-    for index, surface in enumerate(source.surfaces):
-        if surface is None or kind[index] != DROPPED:
-            continue
-        try:
-            text = surface.decode()
-        except UnicodeDecodeError:
-            continue
-        queries.append(target.fold.normalize_str(text) if target.fold is not None else text)
-        query_ids.append(index)
-    if not choices or not queries or cutoff <= 0 or max_edits <= 0:
-        return
-    choice_text = list(choices)
-    choice_ids = np.fromiter(choices.values(), dtype=np.int64, count=len(choices))
-
-    choice_hash, choice_owner = _key_table(choice_text, cutoff, max_edits)
-    query_hash, query_owner = _key_table(queries, cutoff, max_edits)
-    lo = np.searchsorted(choice_hash, query_hash, side="left")
-    hi = np.searchsorted(choice_hash, query_hash, side="right")
-    matches = hi - lo
-    pair_query = np.repeat(query_owner, matches)
-    # Positions lo..hi-1 of every query key, laid end to end.
-    pair_choice = choice_owner[np.repeat(lo - np.cumsum(matches) + matches, matches) + np.arange(matches.sum())]
-    pairs = np.unique(pair_query * len(choice_text) + pair_choice)
-    pair_query, pair_choice = pairs // len(choice_text), pairs % len(choice_text)
-
-    query_len = np.fromiter(map(len, queries), dtype=np.int64, count=len(queries))[pair_query]
-    choice_len = np.fromiter(map(len, choice_text), dtype=np.int64, count=len(choice_text))[pair_choice]
-    longer = np.maximum(query_len, choice_len)
-    budget = np.minimum(max_edits, np.floor(cutoff * longer + 1e-9).astype(np.int64))
-    feasible = np.abs(query_len - choice_len) <= budget
-    pair_query, pair_choice, budget = pair_query[feasible], pair_choice[feasible], budget[feasible]
-    if len(pair_query) == 0:
-        return
-    distance = process.cpdist(
-        [queries[i] for i in pair_query], [choice_text[i] for i in pair_choice],
-        scorer=Levenshtein.distance, dtype=np.int64, workers=-1,
-    )
-    close = distance <= budget
-    pair_query, pair_choice, distance = pair_query[close], pair_choice[close], distance[close]
-    # Per query: smallest distance, then lowest target id.
-    order = np.lexsort((choice_ids[pair_choice], distance, pair_query))
-    first = np.unique(pair_query[order], return_index=True)[1]
-    for position in order[first]:
-        index = query_ids[pair_query[position]]
-        table[index], kind[index] = choice_ids[pair_choice[position]], NEAREST
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -369,64 +408,71 @@ def _fingerprint(source_tok, target_tok, *settings) -> str:
 
 @dataclass
 class VocabMap:
-    """Source token id -> target token id.
+    """Source token id -> target token id, for each space shift.
 
     Attributes:
-        source_to_target: int32 ``(V_src,)``, target id or -1 (dropped). ``V_src`` is the source
-            model's logits size, which may exceed its tokenizer's length (padded vocabularies).
-        kind: uint8 ``(V_src,)``: how each id was mapped (``EXACT``, ``BYTE_FALLBACK``, ``NEAREST``,
-            ``DROPPED``).
+        tables: int32 ``(3, V_src)``, target id or -1 (dropped), one row per entry of
+            ``SPACE_SHIFTS`` (0, -1, +1). ``V_src`` is the source model's logits size, which may exceed
+            its tokenizer's length (padded vocabularies).
+        kinds: uint8 ``(3, V_src)``: how each id was mapped (``EXACT``, ``PROJECTED``,
+            ``BYTE_FALLBACK``, ``DROPPED``).
     """
 
-    source_to_target: np.ndarray
-    kind: np.ndarray
-    # The table on each torch device map_topk has seen.
+    tables: np.ndarray
+    kinds: np.ndarray
+    # The tables on each torch device map_topk has seen.
     _device_tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def source_to_target(self) -> np.ndarray:
+        """int32 ``(V_src,)``: the map where both sides spell the text alike (space shift 0)."""
+        return self.tables[0]
+
+    @property
+    def kind(self) -> np.ndarray:
+        """uint8 ``(V_src,)``: how each id was mapped at space shift 0."""
+        return self.kinds[0]
+
     @classmethod
-    def build(cls, source_tok, target_tok, source_vocab_size: int, cache_dir: str | os.PathLike | None = None,
-              max_normalized_distance: float = 1 / 3, max_edits: int = 1) -> "VocabMap":
+    def build(cls, source_tok, target_tok, source_vocab_size: int,
+              cache_dir: str | os.PathLike | None = None) -> "VocabMap":
         """Map every id of a source model with ``source_vocab_size`` logits onto ``target_tok``.
 
         Args:
             source_tok, target_tok: fast (``tokenizers``-backed) Hugging Face tokenizers.
             source_vocab_size: the source model's logits size (not ``len(source_tok)``).
             cache_dir: where to keep the map (``vocab_map-<hash>.npz``; the hash covers both
-                tokenizers, every argument and ``ALGORITHM_VERSION``); None: no caching.
-            max_normalized_distance: nearest matches are at most this share of the longer token's
-                characters away, in [0, 1].
-            max_edits: nearest matches are at most this many edits away; 0 disables them.
+                tokenizers, the size and ``ALGORITHM_VERSION``); None: no caching.
 
         Raises:
-            ValueError: ``source_vocab_size`` is smaller than the source tokenizer, a cut-off is
-                out of range, or a tokenizer's family is not recognised.
+            ValueError: ``source_vocab_size`` is smaller than the source tokenizer, or a tokenizer's
+                family is not recognised.
         """
         if source_vocab_size < len(source_tok):
             raise ValueError(
                 f"source_vocab_size={source_vocab_size} is smaller than the source tokenizer ({len(source_tok)} "
                 "tokens); pass the source model's logits size (config.vocab_size / lm_head rows)"
             )
-        if not 0 <= max_normalized_distance <= 1:
-            raise ValueError(f"max_normalized_distance={max_normalized_distance} must lie in [0, 1]")
-        if max_edits < 0:
-            raise ValueError(f"max_edits={max_edits} must be >= 0 (0 disables nearest matches)")
         path = None
         if cache_dir is not None:
-            key = _fingerprint(source_tok, target_tok, source_vocab_size, max_normalized_distance, max_edits)
+            key = _fingerprint(source_tok, target_tok, source_vocab_size)
             path = Path(cache_dir) / f"vocab_map-{key[:24]}.npz"
             if path.exists():
                 with np.load(path) as cached:
-                    return cls(source_to_target=cached["source_to_target"], kind=cached["kind"])
+                    return cls(tables=cached["tables"], kinds=cached["kinds"])
 
-        source = _describe(source_tok, source_vocab_size)
-        target = _describe(target_tok, len(target_tok))
-        table = np.full(source_vocab_size, -1, dtype=np.int32)
-        kind = np.full(source_vocab_size, DROPPED, dtype=np.uint8)
+        source = spell_vocabulary(source_tok, source_vocab_size)
+        target = spell_vocabulary(target_tok, len(target_tok))
         by_surface = _by_surface(target)
-        _map_exact(source, target, by_surface, table, kind)
-        _map_partial_characters(source, target, by_surface, table, kind)
-        _map_nearest(source, target, table, kind, max_normalized_distance, max_edits)
-        result = cls(source_to_target=table, kind=kind)
+        projector = MidTextTokenizer(target_tok, target)
+        tables = np.full((len(SPACE_SHIFTS), source_vocab_size), -1, dtype=np.int32)
+        kinds = np.full((len(SPACE_SHIFTS), source_vocab_size), DROPPED, dtype=np.uint8)
+        for row, shift in enumerate(SPACE_SHIFTS):
+            surfaces = [shifted_surface(surface, shift) for surface in source.surfaces]
+            _map_exact(surfaces, source, target, by_surface, tables[row], kinds[row])
+            _map_projected(surfaces, projector, tables[row], kinds[row])
+            _map_partial_characters(surfaces, source, target, by_surface, tables[row], kinds[row])
+        result = cls(tables=tables, kinds=kinds)
 
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,42 +480,53 @@ class VocabMap:
             # mkstemp, not the pid: ranks may also be threads of one process.
             handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.npz")
             with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, source_to_target=table, kind=kind)
+                np.savez(stream, tables=tables, kinds=kinds)
             os.replace(partial, path)
         return result
 
     def coverage(self) -> dict[str, int]:
-        """Number of source ids per mapping kind: ``exact``, ``byte_fallback``, ``nearest``, ``dropped``."""
+        """Number of source ids per mapping kind at space shift 0: ``exact``, ``projected``,
+        ``byte_fallback``, ``dropped``."""
         counts = np.bincount(self.kind, minlength=len(_KIND_NAMES))
         return {name: int(counts[code]) for code, name in _KIND_NAMES.items()}
 
-    def map_topk(self, indices_src):
+    def map_topk(self, indices_src, space_shift=0):
         """Map source candidate ids to target ids.
 
         Args:
             indices_src: integer ``np.ndarray`` or ``torch.Tensor`` of any shape (e.g. ``[L, k]``)
                 holding source ids in ``[0, V_src)``.
+            space_shift: 0, -1 or +1 for all ids, or an integer array of the shape of
+                ``indices_src`` without its last dimension (one shift per row of candidates).
 
         Returns:
             ``(indices_tgt, dropped)`` of the same kind, device and shape: int32 target ids (0 where
             dropped) and a bool mask of the dropped candidates.
 
         Raises:
-            ValueError: an id lies outside ``[0, V_src)``.
+            ValueError: an id lies outside ``[0, V_src)`` or a shift is not one of ``SPACE_SHIFTS``.
         """
-        size = len(self.source_to_target)
+        size = self.tables.shape[1]
+        shift = np.asarray(space_shift.cpu() if isinstance(space_shift, torch.Tensor) else space_shift)
+        if not np.isin(shift, SPACE_SHIFTS).all():
+            raise ValueError(f"space_shift must be one of {SPACE_SHIFTS}; got {np.unique(shift).tolist()}")
+        # Row of tables for each shift: 0 -> 0, -1 -> 1, +1 -> 2.
+        rows = np.where(shift == 0, 0, np.where(shift < 0, 1, 2))
         if isinstance(indices_src, torch.Tensor):
             if indices_src.numel() and (int(indices_src.min()) < 0 or int(indices_src.max()) >= size):
                 raise ValueError(f"source ids must lie in [0, {size}); got {int(indices_src.min())}..{int(indices_src.max())}")
             device = indices_src.device
             if device not in self._device_tables:
-                self._device_tables[device] = torch.from_numpy(self.source_to_target).to(device)
-            mapped = self._device_tables[device][indices_src.long()]
+                self._device_tables[device] = torch.from_numpy(self.tables).to(device)
+            row_index = torch.as_tensor(rows, device=device).long()
+            if row_index.dim():
+                row_index = row_index[..., None]
+            mapped = self._device_tables[device][row_index, indices_src.long()]
             dropped = mapped < 0
             return torch.where(dropped, torch.zeros_like(mapped), mapped), dropped
         indices = np.asarray(indices_src)
         if indices.size and (indices.min() < 0 or indices.max() >= size):
             raise ValueError(f"source ids must lie in [0, {size}); got {indices.min()}..{indices.max()}")
-        mapped = self.source_to_target[indices]
+        mapped = self.tables[rows[..., None] if rows.ndim else rows, indices]
         dropped = mapped < 0
         return np.where(dropped, 0, mapped).astype(np.int32), dropped

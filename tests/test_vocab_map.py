@@ -1,7 +1,9 @@
 """Vocabulary mapping between tokenizer families (fusion.vocab_map).
 
-Exact matches are checked by hand on known tokens of the five real families; nearest matches
-against a brute-force search over every pair of tokens.
+Exact matches are checked by hand on known tokens of the five real families; projections against
+the target tokenizer itself encoding each source token's text (spelled by the reference of
+tests/alignment_reference.py, not by fusion.vocab_map), and by the property that a projected target
+token always spells a prefix of the source token (never a look-alike).
 """
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ import threading
 
 import numpy as np
 import pytest
+from alignment_reference import reference_spell
 from conftest import REAL_FAMILIES
 import torch
-from rapidfuzz.distance import Levenshtein
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import fusion.vocab_map as vocab_map
-from fusion.vocab_map import BYTE_FALLBACK, DROPPED, EXACT, NEAREST, VocabMap
+from fusion.assets.local_models import train_bpe_tokenizer
+from fusion.vocab_map import BYTE_FALLBACK, DROPPED, EXACT, PROJECTED, VocabMap, spell_vocabulary
+
+FAMILY = {"smollm2": "byte_level", "gemma3": "sentencepiece", "gpt2": "byte_level", "mistral-v1": "sentencepiece",
+          "minilm-wordpiece": "wordpiece"}
 
 
 
@@ -28,10 +34,10 @@ def real(real_tokenizers) -> dict:
 
 @pytest.fixture(scope="session")
 def exact_maps(real) -> dict:
-    """Exact-only maps (no nearest search, which the hand checks below do not need)."""
+    """Maps for the hand checks below."""
     pairs = [("gpt2", "mistral-v1"), ("gpt2", "gemma3"), ("gpt2", "minilm-wordpiece"), ("gpt2", "smollm2"),
              ("mistral-v1", "gpt2"), ("minilm-wordpiece", "gpt2"), ("gemma3", "mistral-v1"), ("smollm2", "gpt2")]
-    return {(s, t): VocabMap.build(real[s], real[t], len(real[s]), max_edits=0) for s, t in pairs}
+    return {(s, t): VocabMap.build(real[s], real[t], len(real[s])) for s, t in pairs}
 
 
 def _id(tokenizer, token: str) -> int:
@@ -53,7 +59,7 @@ def test_identical_tokenizers_map_to_the_identity(real, family):
     tok = real[family]
     mapping = VocabMap.build(tok, tok, len(tok))
     assert mapping.source_to_target.tolist() == list(range(len(tok)))
-    assert mapping.coverage() == {"exact": len(tok), "byte_fallback": 0, "nearest": 0, "dropped": 0}
+    assert mapping.coverage() == {"exact": len(tok), "projected": 0, "byte_fallback": 0, "dropped": 0}
 
 
 def test_word_tokens_match_across_families(real, exact_maps):
@@ -103,7 +109,7 @@ def test_special_tokens(real, exact_maps):
 def test_padded_vocabulary_and_map_topk(real):
     source, target = real["gpt2"], real["mistral-v1"]
     padded = len(source) + 47
-    mapping = VocabMap.build(source, target, padded, max_edits=0)
+    mapping = VocabMap.build(source, target, padded)
     assert mapping.source_to_target.shape == (padded,)
     assert (mapping.source_to_target[len(source):] == -1).all()
     assert (mapping.kind[len(source):] == DROPPED).all()
@@ -133,14 +139,15 @@ def test_cache_reload_gives_identical_arrays(real, tmp_path, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("a cached map was rebuilt")
 
-    monkeypatch.setattr(vocab_map, "_describe", no_rebuild)
+    monkeypatch.setattr(vocab_map, "spell_vocabulary", no_rebuild)
     loaded = VocabMap.build(source, target, len(source) + 5, cache_dir=tmp_path)
     np.testing.assert_array_equal(loaded.source_to_target, built.source_to_target)
     np.testing.assert_array_equal(loaded.kind, built.kind)
     assert loaded.source_to_target.dtype == np.int32
     monkeypatch.undo()
-    # Other settings, another entry.
-    VocabMap.build(source, target, len(source) + 5, cache_dir=tmp_path, max_edits=0)
+    # Another algorithm version (a map cached by older code), another entry.
+    monkeypatch.setattr(vocab_map, "ALGORITHM_VERSION", vocab_map.ALGORITHM_VERSION - 1)
+    VocabMap.build(source, target, len(source) + 5, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("vocab_map-*.npz"))) == 2
 
 
@@ -150,13 +157,13 @@ def test_threads_building_one_map_at_once_share_the_cache(real, tmp_path, monkey
     reference = VocabMap.build(source, target, len(source))
     threads = 4
     everyone_mapped = threading.Barrier(threads)
-    build_nearest = vocab_map._map_nearest
+    build_projected = vocab_map._map_projected
 
-    def nearest_then_wait(*args):
-        build_nearest(*args)
+    def projected_then_wait(*args):
+        build_projected(*args)
         everyone_mapped.wait(timeout=120)  # all threads reach the cache write together
 
-    monkeypatch.setattr(vocab_map, "_map_nearest", nearest_then_wait)
+    monkeypatch.setattr(vocab_map, "_map_projected", projected_then_wait)
     results, errors = [], []
 
     def build():
@@ -181,60 +188,79 @@ def test_threads_building_one_map_at_once_share_the_cache(real, tmp_path, monkey
     assert len(list(tmp_path.iterdir())) == 1
 
 
-# --- nearest matches against brute force ----------------------------------------------------------
+# --- projection against the target tokenizer itself -----------------------------------------------
 
-def _gpt2_byte_alphabet() -> dict[int, str]:
-    visible = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    table, extra = {b: chr(b) for b in visible}, 0
-    for b in range(256):
-        if b not in table:
-            table[b], extra = chr(256 + extra), extra + 1
-    return table
-
-
-def _byte_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer whose vocabulary is exactly ``words`` (spelled in GPT-2's byte alphabet)."""
-    alphabet = _gpt2_byte_alphabet()
-    vocab = {"".join(alphabet[b] for b in word.encode()): i for i, word in enumerate(words)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+@pytest.fixture(scope="session")
+def byte_level_target() -> PreTrainedTokenizerFast:
+    """A small target tokenizer trained as the demo's target is (fusion.assets.local_models)."""
+    texts = ["The quick brown fox jumps over the lazy dog in 2019 and 2020.", "def f(x):\n    return x + 201",
+             "Café naïve 東京 🙂 turn turnkey turning returns"] * 20
+    return train_bpe_tokenizer(texts, 400)
 
 
-def _brute_force_nearest(source_words, target_words, cutoff, max_edits):
-    expected = []
-    for word in source_words:
-        if word in target_words:
-            expected.append((target_words.index(word), EXACT))
+@pytest.mark.parametrize("source_name", ["gpt2", "mistral-v1", "minilm-wordpiece", "smollm2"])
+def test_projection_is_the_targets_first_token(real, byte_level_target, source_name):
+    """Every source id whose text the reference spells maps to what the target emits first for that
+    text (encoded on its own, no special tokens): the exact token where one spells the same text."""
+    source, target = real[source_name], byte_level_target
+    mapping = VocabMap.build(source, target, len(source))
+    target_vocab = {surface: index for index, surface in enumerate(spell_vocabulary(target).surfaces) if surface}
+    rng = random.Random(0)
+    checked = 0
+    for index in rng.sample(range(len(source)), 600):
+        surface, unknown, _ = reference_spell(source, FAMILY[source_name], index)
+        if surface is None or unknown:
+            assert mapping.kind[index] in (DROPPED, EXACT)  # special tokens: only to target specials
             continue
-        best = None
-        for index, candidate in enumerate(target_words):
-            distance = Levenshtein.distance(word, candidate)
-            if distance <= max_edits and distance <= cutoff * max(len(word), len(candidate)) + 1e-9:
-                if best is None or distance < best[0]:
-                    best = (distance, index)
-        expected.append((best[1], NEAREST) if best else (-1, DROPPED))
-    return expected
+        try:
+            text = surface.decode()
+        except UnicodeDecodeError:
+            assert mapping.kind[index] in (BYTE_FALLBACK, DROPPED, EXACT)
+            continue
+        first = target(text, add_special_tokens=False)["input_ids"][0]
+        expected = target_vocab.get(surface, first)
+        assert mapping.source_to_target[index] == expected, (source.convert_ids_to_tokens(index), text)
+        checked += 1
+    assert checked > 400
 
 
-@pytest.mark.parametrize(("cutoff", "max_edits"), [(1 / 3, 1), (1 / 3, 2), (0.5, 2), (0.2, 3)])
-def test_nearest_matches_brute_force(cutoff, max_edits):
-    rng = random.Random(7)
-    letters = "abcdé "
+@pytest.mark.parametrize(("source_name", "target_name"), [("gpt2", "mistral-v1"), ("smollm2", "gpt2"),
+                                                          ("mistral-v1", "minilm-wordpiece")])
+def test_projected_tokens_spell_a_prefix_of_the_source_token(real, source_name, target_name):
+    """Never a look-alike: a projected target token spells the start of the source token's text
+    (in the target's normal form), at every space shift."""
+    source, target = real[source_name], real[target_name]
+    mapping = VocabMap.build(source, target, len(source))
+    fold = spell_vocabulary(target).fold
+    drops_whitespace = spell_vocabulary(target).family == "wordpiece"
+    target_surfaces = spell_vocabulary(target).surfaces
+    source_surfaces = spell_vocabulary(source).surfaces
+    for row, shift in enumerate(vocab_map.SPACE_SHIFTS):
+        projected = np.flatnonzero(mapping.kinds[row] == PROJECTED)
+        assert projected.size > 100
+        for index in projected[:: max(1, projected.size // 1000)]:
+            surface = vocab_map.shifted_surface(source_surfaces[index], shift).decode()
+            spelled = target_surfaces[mapping.tables[row, index]]  # bytes: may be a piece of a character
+            wanted = (fold.normalize_str(surface) if fold is not None else surface).encode()
+            if drops_whitespace:  # whitespace is only a word break to it
+                wanted, spelled = wanted.lstrip(), spelled.lstrip()
+            assert wanted.startswith(spelled), \
+                (shift, source.convert_ids_to_tokens(int(index)), spelled)
 
-    def words(count):
-        drawn = set()
-        while len(drawn) < count:
-            drawn.add("".join(rng.choice(letters) for _ in range(rng.randint(1, 9))))
-        return sorted(drawn)
 
-    source_words, target_words = words(211), words(307)
-    mapping = VocabMap.build(_byte_level_tokenizer(source_words), _byte_level_tokenizer(target_words),
-                             len(source_words), max_normalized_distance=cutoff, max_edits=max_edits)
-    expected = _brute_force_nearest(source_words, target_words, cutoff, max_edits)
-    assert list(zip(mapping.source_to_target.tolist(), mapping.kind.tolist())) == expected
-    assert mapping.coverage()["nearest"] > 10
+def test_projection_examples(real, byte_level_target):
+    """Edit distance mapped " turnkey" to " turkey"; the projection maps " turnover" to the target's
+    " turn", the token the target begins that text with."""
+    mapping = VocabMap.build(real["gpt2"], byte_level_target, len(real["gpt2"]))
+    turnkey = _id(real["gpt2"], "Ġturnover")
+    assert byte_level_target.convert_ids_to_tokens(int(mapping.source_to_target[turnkey])) == "Ġturn"
+    assert mapping.kind[turnkey] == PROJECTED
+    # Space shifts: one space less (a source's dummy prefix the text lacks), one more.
+    the = _id(real["gpt2"], "Ġthe")
+    shifts = mapping.map_topk(np.asarray([[the], [the], [the]]), np.asarray([0, -1, 1]))[0].ravel().tolist()
+    assert byte_level_target.convert_ids_to_tokens(shifts) == ["Ġthe", "the", "Ġ"]
+    with pytest.raises(ValueError, match="space_shift"):
+        mapping.map_topk(np.asarray([the]), 2)
 
 
 def test_unknown_family_is_rejected():
@@ -243,5 +269,3 @@ def test_unknown_family_is_rejected():
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(ValueError, match="supported families"):
         VocabMap.build(wrapped, wrapped, len(wrapped))
-    with pytest.raises(ValueError, match="max_normalized_distance"):
-        VocabMap.build(wrapped, wrapped, len(wrapped), max_normalized_distance=1.5)

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusion.alignment import align_next_token_positions
+from fusion.alignment import Boundaries, TokenSpelling, align_boundaries, token_boundaries
 from fusion.sources.answer import SparseSoftLabels
-from fusion.vocab_map import VocabMap
+from fusion.vocab_map import MidTextTokenizer, VocabMap, shifted_surface, spell_vocabulary
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -27,7 +27,10 @@ def encode_with_offsets(
     """Token ids, character offsets and special-token masks of ``texts`` (special tokens added).
 
     This is the one encoding used for both sides of the alignment, so the target positions of a
-    stored answer are those of ``encode_with_offsets(target_tokenizer, texts, max_length)``.
+    stored answer are those of ``encode_with_offsets(target_tokenizer, texts, max_length)``. Corpus
+    text is text: strings such as ``<s>`` or ``<|endoftext|>`` inside it are tokenized as the
+    characters they are (``split_special_tokens``), never as control tokens; only the special
+    tokens the tokenizer adds around the text (BOS, CLS/SEP ...) are special.
 
     Raises:
         ValueError: the tokenizer is not a fast tokenizer (it has no character offsets).
@@ -42,6 +45,7 @@ def encode_with_offsets(
         add_special_tokens=True,
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
+        split_special_tokens=True,
         truncation=max_length is not None,
         max_length=max_length,
     )
@@ -210,10 +214,16 @@ class SourceScorer:
             ValueError: sizes disagree (offsets vs texts, length, the vocab map vs the logits' width),
                 a text encodes to no tokens, or the model returns no ``[B, L, V]`` logits.
         """
-        if target_offsets is None:
-            _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        target_ids, own_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        target_offsets = own_offsets if target_offsets is None else target_offsets
         if len(target_offsets) != len(texts):
             raise ValueError(f"score: got {len(target_offsets)} target offset lists for {len(texts)} texts")
+        for row, (given, own) in enumerate(zip(target_offsets, own_offsets)):
+            if [tuple(span) for span in given] != own:
+                raise ValueError(
+                    f"score: the target offsets of text {row} are not those of encode_with_offsets(target_tokenizer, "
+                    f"texts, max_length={self.max_length}); pass that encoding's offsets or none"
+                )
         longest = max((len(o) for o in target_offsets), default=0)
         length = longest if length is None else length
         if longest > length:
@@ -237,7 +247,7 @@ class SourceScorer:
         top_logprobs, top_ids, gold_logprob = top_logprobs.cpu(), top_ids.cpu(), gold_logprob.cpu()
 
         answer = SparseSoftLabels.empty(len(texts), length, self.top_k, self.dtype)
-        self._fill_aligned(answer, texts, source_offsets, target_offsets, top_logprobs, top_ids)
+        self._fill_labels(answer, texts, (ids, source_offsets), (target_ids, own_offsets), top_logprobs, top_ids)
         scored = (next_ids >= 0).cpu()
         for row, text in enumerate(texts):
             count = int(scored[row].sum())
@@ -269,38 +279,135 @@ class SourceScorer:
             next_ids[row, : n - 1] = torch.where(is_text, following, -100)
         return input_ids.to(self.device), attention_mask.to(self.device), next_ids.to(self.device)
 
-    def _fill_aligned(
+    def _spellings(self):
+        """Source/target surfaces and the target's mid-text tokenizer, computed once per scorer."""
+        if getattr(self, "_spelled", None) is None:
+            source = spell_vocabulary(self.source_tokenizer, len(self.vocab_map.source_to_target))
+            target = spell_vocabulary(self.target_tokenizer)
+            # Labels inside source tokens compare raw text bytes: only for sources spelling the text as is.
+            inside = source.family in ("byte_level", "sentencepiece") and source.fold is None
+            self._spelled = (source.surfaces, target.surfaces, MidTextTokenizer(self.target_tokenizer, target), inside)
+        return self._spelled
+
+    def _fill_labels(
         self,
         answer: SparseSoftLabels,
         texts: Sequence[str],
-        source_offsets: list[list[tuple[int, int]]],
-        target_offsets: Sequence[Offsets],
+        source: tuple[list[list[int]], list[list[tuple[int, int]]]],
+        target: tuple[list[list[int]], list[list[tuple[int, int]]]],
         top_logprobs: torch.Tensor,
         top_ids: torch.Tensor,
     ) -> None:
-        """Copy each aligned source position's mapped candidates into ``answer`` (in place)."""
-        rows, positions, sources = [], [], []
+        """Fill ``answer`` (in place) with the mapped candidates of every target position that gets a label.
+
+        ``source`` and ``target`` are ``(ids, offsets)`` per text. Two kinds of positions get one:
+
+        * *aligned* (``fusion.alignment``): the source position predicting the token that starts where
+          the target's next token starts; its candidates are mapped at the alignment's space shift.
+        * *inside* a source token: the target's next token starts at character ``c`` inside source
+          token ``m``, whose first characters ``seen = text[start_m:c]`` the target has already
+          consumed. The source's distribution at position ``m - 1`` (over token ``m``), restricted to
+          the candidates that spell ``seen`` and more and renormalised over them, is the source's
+          belief about what follows ``text[:c]``; each such candidate maps to the target token that
+          starts the target's tokenization of its remainder (the text after ``seen``). Only for
+          sources whose tokens spell the raw text (byte-level BPE, SentencePiece), and where neither
+          token spells a virtual space.
+
+        In both, where the source's own next token spells less of the text than the target's next
+        token (the source splits digits where the target keeps "201"), a candidate whose text is a
+        proper prefix of the target's next token maps to that token: the text says that is what the
+        target emits for the continuation the candidate begins.
+        """
+        source_surfaces, target_surfaces, mid_text, inside_allowed = self._spellings()
+        source_spelling = TokenSpelling.of(self.source_tokenizer)
+        target_spelling = TokenSpelling.of(self.target_tokenizer)
         for row, text in enumerate(texts):
-            aligned = np.asarray(align_next_token_positions(source_offsets[row], target_offsets[row], text), dtype=np.int64)
-            if aligned.shape != (len(target_offsets[row]),) or aligned.max(initial=-1) >= len(source_offsets[row]):
-                raise ValueError(
-                    f"align_next_token_positions returned {aligned.shape} positions up to {aligned.max(initial=-1)} for "
-                    f"{len(target_offsets[row])} target and {len(source_offsets[row])} source tokens"
-                )
-            # The last target position has no next token, whatever the source says about the text's end.
-            hit = np.flatnonzero(aligned[: len(aligned) - 1] >= 0)
-            rows.append(np.full(hit.size, row))
-            positions.append(hit)
-            sources.append(aligned[hit])
-        rows_t = torch.from_numpy(np.concatenate(rows)).long()
-        positions_t = torch.from_numpy(np.concatenate(positions)).long()
-        sources_t = torch.from_numpy(np.concatenate(sources)).long()
-        if rows_t.numel() == 0:
+            source_ids, target_ids = source[0][row], target[0][row]
+            source_bounds = token_boundaries(source_ids, source[1][row], text, source_spelling)
+            target_bounds = token_boundaries(target_ids, target[1][row], text, target_spelling)
+            alignment = align_boundaries(source_bounds, target_bounds, len(text))
+            hit = np.flatnonzero(alignment.source >= 0)
+            if hit.size:
+                mapped, dropped = self.vocab_map.map_topk(top_ids[row, alignment.source[hit]].numpy(),
+                                                          alignment.space_shift[hit])
+                for slot, t in enumerate(hit):
+                    gold = target_surfaces[target_ids[t + 1]]
+                    shift = int(alignment.space_shift[t])
+                    ids_row = mapped[slot].astype(np.int64)
+                    actual = shifted_surface(source_surfaces[source_ids[alignment.source[t] + 1]], shift)
+                    if _spells_less(actual, gold):
+                        for c, candidate in enumerate(top_ids[row, alignment.source[t]].tolist()):
+                            if _spells_less(shifted_surface(source_surfaces[candidate], shift), gold):
+                                ids_row[c], dropped[slot, c] = target_ids[t + 1], False
+                    self._write(answer, row, int(t), ids_row, dropped[slot], top_logprobs[row, alignment.source[t]])
+            if inside_allowed:
+                self._fill_inside(answer, row, text, source_ids, source_bounds, target_ids, target_bounds,
+                                  alignment.source, top_logprobs[row], top_ids[row], source_surfaces,
+                                  target_surfaces, mid_text)
+
+    def _fill_inside(self, answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
+                     target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
+                     mid_text: MidTextTokenizer) -> None:
+        """Labels of the target positions whose next token starts inside a source token (``_fill_labels``)."""
+        starting = np.flatnonzero(source_bounds.starts >= 0)
+        if starting.size == 0:
             return
-        mapped, dropped = self.vocab_map.map_topk(top_ids[rows_t, sources_t].numpy())
-        mapped = torch.as_tensor(np.asarray(mapped), dtype=torch.int32)
-        dropped = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
-        logprobs = top_logprobs[rows_t, sources_t].masked_fill(dropped, float("-inf"))
-        answer.indices[rows_t, positions_t] = mapped.masked_fill(dropped, 0)
-        answer.logprobs[rows_t, positions_t] = logprobs.to(answer.logprobs.dtype)
-        answer.valid[rows_t, positions_t] = ~dropped.all(dim=1)
+        pending = []  # (t, kept candidate slots, remainders)
+        for t in range(len(target_ids) - 1):
+            c = int(target_bounds.starts[t + 1])
+            if aligned[t] >= 0 or c < 0 or target_bounds.virtual[t + 1]:
+                continue
+            m = int(starting[np.searchsorted(source_bounds.starts[starting], c, side="right") - 1]) \
+                if source_bounds.starts[starting[0]] < c else -1
+            if m < 1 or source_bounds.virtual[m] or c >= source_bounds.ends[m]:
+                continue
+            seen = text[source_bounds.starts[m]:c].encode("utf-8")
+            if not (source_surfaces[source_ids[m]] or b"").startswith(seen):
+                continue  # the token does not spell the text here (dropped bytes)
+            slots, remainders = [], []
+            for slot, candidate in enumerate(ids[m - 1].tolist()):
+                surface = source_surfaces[candidate]
+                if surface and len(surface) > len(seen) and surface.startswith(seen):
+                    slots.append(slot)
+                    remainders.append(surface[len(seen):])
+            if slots:
+                resolve = _spells_less(source_surfaces[source_ids[m]][len(seen):], target_surfaces[target_ids[t + 1]])
+                pending.append((t, m - 1, slots, remainders, resolve))
+        if not pending:
+            return
+        texts = [r.decode("utf-8", errors="ignore") for _, _, _, rs, _ in pending for r in rs]
+        first = iter(mid_text.first_tokens(texts).tolist())
+        k = ids.shape[-1]
+        for t, position, slots, remainders, resolve in pending:
+            gold_id = target_ids[t + 1]
+            gold = target_surfaces[gold_id]
+            mapped = np.zeros(k, dtype=np.int64)
+            dropped = np.ones(k, dtype=bool)
+            for slot, remainder in zip(slots, remainders):
+                projected = next(first)
+                if resolve and _spells_less(remainder, gold):
+                    projected = gold_id
+                elif remainder.decode("utf-8", errors="ignore").encode() != remainder:
+                    projected = -1  # a piece of a character: no text to project
+                if projected >= 0:
+                    mapped[slot], dropped[slot] = projected, False
+            kept = torch.from_numpy(~dropped)
+            if not kept.any():
+                continue
+            row_logprobs = logprobs[position].clone()
+            # Renormalised over the candidates that extend what the target has seen.
+            row_logprobs[kept] -= torch.logsumexp(row_logprobs[kept], dim=0)
+            self._write(answer, row, t, mapped, dropped, row_logprobs)
+
+    @staticmethod
+    def _write(answer: SparseSoftLabels, row: int, t: int, mapped: np.ndarray, dropped: np.ndarray,
+               logprobs: torch.Tensor) -> None:
+        dropped_t = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
+        answer.indices[row, t] = torch.as_tensor(np.asarray(mapped), dtype=torch.int32).masked_fill(dropped_t, 0)
+        answer.logprobs[row, t] = logprobs.masked_fill(dropped_t, float("-inf")).to(answer.logprobs.dtype)
+        answer.valid[row, t] = not bool(dropped_t.all())
+
+
+def _spells_less(surface: bytes | None, gold: bytes | None) -> bool:
+    """Whether ``surface`` is a non-empty proper prefix of ``gold``."""
+    return bool(surface) and bool(gold) and len(surface) < len(gold) and gold.startswith(surface)
