@@ -113,7 +113,8 @@ def workspace(tmp_path_factory):
         tiny_llama(len(tokenizer) + 5, seed=seed).save_pretrained(root / name)
         sources.append((name, str(root / name)))
     split = datasets.Dataset.from_dict({"text": DOCUMENTS, "domain": ["d"] * len(DOCUMENTS)})
-    datasets.DatasetDict({"train": split}).save_to_disk(str(root / "corpus"))
+    # With its own validation split the corpus is used as it is (a train split alone would have one carved out).
+    datasets.DatasetDict({"train": split, "validation": split.select(range(1))}).save_to_disk(str(root / "corpus"))
     tiny_llama(len(target), seed=9).save_pretrained(root / "target")
     config = {
         "target": str(root / "target"),
