@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusion.config import Config, ConfigError, save_config
+from fusion.checkpoints import Checkpoints, run_manifest
+from fusion.finished import write_finished
+from fusion.config import Config, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
 from fusion.metrics import MetricsLogger, eval_scalars
@@ -78,9 +80,6 @@ class Trainer:
     def setup(self) -> None:
         config, topology, data = self.config, self.topology, self.config.data
         torch.manual_seed(config.run.seed)
-        if topology.is_logging_rank:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
         # Chunks must fit max_length under every tokenizer that will read them.
         tokenizers = run_tokenizers(config)
         self.tokenizer = tokenizers[0]
@@ -90,6 +89,8 @@ class Trainer:
         self.train_data, self.eval_data = chunks.train, chunks.eval
         for name, rows in ((data.train_split, chunks.train), (data.eval_split, chunks.eval)):
             self.metrics.info(f"data {name}: {len(rows)} chunks of <= {data.max_length} tokens ({chunks.reports[name]})")
+        self.checkpoints = Checkpoints(self.checkpoint_dir, run_manifest(config, tokenizers, chunks.train), config.trainer.keep_last,
+                                       topology.is_logging_rank, topology.trainer_group, topology.dp_size, self.metrics.info)
         self.collator = TextBatchCollator(self.tokenizer, data.max_length)
         self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
@@ -156,6 +157,9 @@ class Trainer:
     def train(self) -> TrainResult:
         trainer = self.config.trainer
         done = self._resume()
+        if self.topology.is_logging_rank:  # only once the run is accepted (a refused resume changes nothing)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
         # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
         consumed = done * trainer.gradient_accumulation_steps
         micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
@@ -183,7 +187,7 @@ class Trainer:
                     **self.policy.stats(), **self.routing.scalars(), **counter_scalars(self.sources)})
                 self.metrics.info(f"step {step}/{trainer.max_steps} loss {step_loss:.4f} (lm {lm_loss:.4f} soft {soft_loss:.4f}) "
                                   f"lr {self.target.lr:.2e} {step_tokens / step_seconds:.0f} tok/s")
-            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
+            if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == trainer.max_steps):
                 self._save_checkpoint(step, in_flight)
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
                 self.metrics.scalars(step, eval_scalars(self.evaluate()))
@@ -191,13 +195,14 @@ class Trainer:
         final_eval = self.evaluate()
         self.metrics.scalars(trainer.max_steps, eval_scalars(final_eval))
         model_dir = self.save_model()
-        window = min(5, len(losses))
-        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:window]) / window,
-                             sum(losses[-window:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
+        window = min(5, len(losses)) or float("nan")  # a run resumed from its final checkpoint trains no step
+        result = TrainResult(trainer.max_steps, tokens_seen, round(time.time() - started, 1), sum(losses[:5]) / window,
+                             sum(losses[-5:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
                              close_and_summarise(self.sources, self.topology.trainer_sum), str(model_dir), str(self.metrics.log_dir),
                              step_times)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
+            write_finished(self.output_dir, self.config, trainer.max_steps)
         return result
 
     def _save_checkpoint(self, step: int, in_flight: deque[Dispatched]) -> None:
@@ -205,21 +210,19 @@ class Trainer:
         routing, and the source choices of micro-batches already dispatched for later steps."""
         state = {"step": step, "routing": self.routing.state_dict(), "policy": self.policy.state_dict(),
                  "in_flight_choices": [entry.chosen for entry in in_flight]}
-        self.target.save_checkpoint(self.checkpoint_dir, f"step{step}", state)
+        self.checkpoints.save(self.target, step, state)
 
     def _resume(self) -> int:
-        """Load the latest checkpoint when resuming is on and one exists; return the steps already done."""
-        if not (self.config.trainer.resume and (self.checkpoint_dir / "latest").is_file()):
+        """Load the newest complete checkpoint when resuming is on and one exists; return the steps already done."""
+        step = self.checkpoints.resume_step(self.config.trainer.resume, self.config.trainer.max_steps)
+        if step is None:
             return 0
-        state = self.target.load_checkpoint(self.checkpoint_dir)
+        state = self.checkpoints.load(self.target, step)
         self.routing.load_state_dict(state["routing"])
         self.policy.load_state_dict(state["policy"])
         self.replayed_choices = deque(state["in_flight_choices"])
-        if state["step"] >= self.config.trainer.max_steps:
-            raise ConfigError(f"trainer.max_steps: the checkpoint in {self.checkpoint_dir} is already at step {state['step']}; "
-                              "raise max_steps, or set trainer.resume=false (or another run.output_dir) to start over")
-        self.metrics.info(f"resumed from {self.checkpoint_dir} at step {state['step']}")
-        return state["step"]
+        self.metrics.info(f"resumed from {self.checkpoint_dir} at step {step}")
+        return step
 
     def evaluate(self) -> dict:
         """Per-domain held-out loss, perplexity and bits per byte of the target on the eval split."""

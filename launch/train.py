@@ -15,6 +15,7 @@ import traceback
 
 import torch
 
+from fusion.finished import finished_run
 from fusion.config import ConfigError, load_config
 from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_deepspeed_comm, init_topology, plan_ranks, rank_plan,
                              shutdown)
@@ -37,10 +38,15 @@ def main() -> int:
             print(rank_plan(config).world_size)
             return 0
         plan = plan_ranks(config, env.world_size)
+        finished = finished_run(config)  # before anything is written: a finished run is never retrained
     except (ConfigError, TopologyError) as error:
         if env.rank == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    if finished:
+        if env.rank == 0:
+            print(finished)
+        return 0
 
     local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(config.trainer.num_threads or max(1, (os.cpu_count() or 1) // local_ranks))
