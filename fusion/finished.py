@@ -4,7 +4,7 @@ model, holding the run's config.
 Rerunning a finished run's command finds it before anything is written (``launch/train.py``, on
 every rank, reading files only) and changes nothing; the same command with another config is a
 ``ConfigError`` naming every changed key. Deleting the marker lets the run continue from its
-final checkpoint with the new config.
+final checkpoint with the new config; ``trainer.resume: false`` starts over whatever is there.
 """
 from __future__ import annotations
 
@@ -34,14 +34,15 @@ def _flat(value, prefix: str = "") -> dict:
 
 def finished_run(config: Config) -> str | None:
     """The line to print when ``run.output_dir`` holds a finished run of ``config``; None when it holds
-    no finished run. Reads files only (every rank may call it before anything starts).
+    no finished run or ``trainer.resume`` is false (start over). Reads files only (every rank may call it
+    before anything starts).
 
     Raises:
         ConfigError: the finished run was made with another config (every differing key is named).
     """
     output_dir = Path(config.run.output_dir)
     path = output_dir / FINISHED
-    if not path.is_file():
+    if not (config.trainer.resume and path.is_file()):
         return None
     try:
         record = json.loads(path.read_text())

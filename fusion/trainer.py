@@ -27,9 +27,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fusion.checkpoints import Checkpoints, run_manifest
-from fusion.finished import write_finished
 from fusion.config import Config, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
+from fusion.finished import FINISHED, write_finished
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
 from fusion.metrics import MetricsLogger, eval_scalars
 from fusion.policies import POLICIES, make_policy
@@ -160,6 +160,7 @@ class Trainer:
         if self.topology.is_logging_rank:  # only once the run is accepted (a refused resume changes nothing)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.output_dir / "config.yaml")
+            (self.output_dir / FINISHED).unlink(missing_ok=True)  # under way (trainer.resume false starts over)
         # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
         consumed = done * trainer.gradient_accumulation_steps
         micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),

@@ -15,8 +15,8 @@ import traceback
 
 import torch
 
-from fusion.finished import finished_run
 from fusion.config import ConfigError, load_config
+from fusion.finished import finished_run
 from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_deepspeed_comm, init_topology, plan_ranks, rank_plan,
                              shutdown)
 

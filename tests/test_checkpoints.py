@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from experiments.local_runs import single_node_command
 from fusion.checkpoints import manifest_differences
+from fusion.config import ConfigError, parse_config
+from fusion.finished import finished_run, write_finished
 from test_train_zero3 import launch, write_config
 
 pytestmark = pytest.mark.distributed
@@ -145,3 +147,17 @@ def test_manifest_differences_name_each_setting():
     renamed = {**saved, "sources": [saved["sources"][0], {**saved["sources"][1], "name": "c"}], "vocab_map_version": 2}
     assert manifest_differences(saved, renamed) == ["sources [a, b], this run has [a, c]",
                                                     "vocabulary map version 1, this run has 2"]
+
+
+def test_the_finished_marker_names_changed_keys_and_resume_false_starts_over(tmp_path):
+    raw = {"target": "t", "run": {"output_dir": str(tmp_path)}, "trainer": {"max_steps": 5},
+           "sources": [{"name": "a", "path": "pa"}], "fusion": {"mode": "min_ce"}}
+    config = parse_config(raw, check_paths=False)
+    assert finished_run(config) is None
+    write_finished(tmp_path, config, 5)
+    assert finished_run(config).startswith(f"{tmp_path} holds a finished run of this config (5 steps")
+    changed = parse_config({**raw, "sources": [{"name": "a", "path": "pb"}]}, ["trainer.lr=1e-3"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"another config \(sources\[0\]\.path: 'pa' there, 'pb' now; "
+                                          r"trainer\.lr: 0\.0003 there, 0\.001 now\)"):
+        finished_run(changed)
+    assert finished_run(parse_config(raw, ["trainer.resume=false"], check_paths=False)) is None
