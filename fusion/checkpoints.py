@@ -5,7 +5,8 @@ Layout under ``run.output_dir``::
     checkpoints/step<N>/                ZeRO-3 shards of every trainer rank, optimizer, schedule, loop state
     checkpoints/step<N>/complete.json   written last, once every rank's save returned: the step, the size
                                         of every file of the checkpoint, and the run's manifest
-    checkpoints/latest                  DeepSpeed's pointer (for zero_to_fp32 and launch/evaluate.py)
+    checkpoints/latest                  the newest complete tag, replaced atomically after its record
+                                        (DeepSpeed's pointer, read by zero_to_fp32 and launch/evaluate.py)
 
 A checkpoint is *complete* when its record exists and every file it lists has the size written.
 Resuming takes the newest checkpoint complete on every trainer rank, agreed by a collective
@@ -142,6 +143,7 @@ class Checkpoints:
                  if path.is_file() and path.name != RECORD}
         record = {"step": step, "files": files, "manifest": self.manifest}
         write_atomic(tag_dir / RECORD, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+        write_atomic(self.directory / LATEST, tag_of(step).encode("utf-8"))
         if self.keep_last is not None:
             complete = sorted(other for other, path in self._tags().items() if other <= step and problem(path) is None)
             kept = set(complete[-self.keep_last:]) | {step}

@@ -134,8 +134,9 @@ class TargetModel:
                          "tokens": s.tokens} for domain, s in scores.items()}
 
     def save_checkpoint(self, directory: Path, tag: str, state: dict) -> None:
-        """ZeRO-3 shards of every rank, optimizer and schedule, plus the loop's ``state``."""
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"fusion": state})
+        """ZeRO-3 shards of every rank, optimizer and schedule, plus the loop's ``state`` (``latest`` is
+        left to the caller: see :mod:`fusion.checkpoints`)."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"fusion": state}, save_latest=False)
 
     def load_checkpoint(self, directory: Path, tag: str) -> dict:
         """Load checkpoint ``tag`` of ``directory``; returns the loop's state saved with it."""

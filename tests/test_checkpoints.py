@@ -82,7 +82,8 @@ def dangling_latest_and_damaged_shards(checkpoints: Path) -> tuple[int, list[str
 
 
 def empty_latest_of_an_unrecorded_save(checkpoints: Path) -> tuple[int, list[str]]:
-    """Killed while DeepSpeed rewrote ``latest`` at step 10, before that save was recorded complete."""
+    """Step 10's save killed before it was recorded complete, and ``latest`` emptied (a full disk, or
+    an older writer that truncated it in place)."""
     (checkpoints / "latest").write_text("")
     (checkpoints / "step10" / "complete.json").unlink()
     return 8, ["latest is empty", f"checkpoint step10 in {checkpoints} is incomplete: it has no complete.json"]
