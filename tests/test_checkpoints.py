@@ -40,11 +40,14 @@ def tags(output_dir: Path) -> list[str]:
 
 
 def test_a_finished_run_is_not_rerun_and_keep_last_prunes(tmp_path, tiny_target, tiny_corpus):
+    """Pruning to keep_last, a rerun that changes no file, a changed config named, and a run stopped after
+    its final checkpoint finished by the rerun from that checkpoint."""
     _, output_dir = launch(tmp_path, "done", 1, tiny_target, tiny_corpus, max_steps=5, checkpoint_every=2, keep_last=2, **STEPS)
     # Saved at steps 2, 4 and 5 (the final one); keeping the last 2 leaves 4 and 5.
     assert tags(output_dir) == ["step4", "step5"]
     assert (output_dir / "finished.json").is_file() and (output_dir / "result.json").is_file()
     before = snapshot(output_dir)
+    trained = load_file(output_dir / "model" / "model.safetensors")
 
     again = rerun(tmp_path / "done.yaml", 1)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -58,6 +61,18 @@ def test_a_finished_run_is_not_rerun_and_keep_last_prunes(tmp_path, tiny_target,
     assert len(error) == 1 and "holds a finished run made with another config" in error[0], changed.stderr[-3000:]
     assert "trainer.lr: 0.003 there, 0.001 now" in error[0] and "trainer.max_steps: 5 there, 7 now" in error[0]
     assert snapshot(output_dir) == before
+
+    # Stopped after its final checkpoint but before its model and marker: the rerun only finishes it.
+    shutil.rmtree(output_dir / "model")
+    for name in ("result.json", "finished.json"):
+        (output_dir / name).unlink()
+    finish = rerun(tmp_path / "done.yaml", 1)
+    assert finish.returncode == 0, finish.stdout[-3000:] + finish.stderr[-3000:]
+    assert f"resumed from {output_dir / 'checkpoints'} at step 5" in finish.stdout + finish.stderr
+    assert (output_dir / "finished.json").is_file()
+    finished = load_file(output_dir / "model" / "model.safetensors")
+    for key in trained:
+        torch.testing.assert_close(finished[key], trained[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
