@@ -96,7 +96,8 @@ class TrainerConfig:
     eval_every: int = 0
     eval_batches: int = 8
     checkpoint_every: int = 0  # optimizer steps between DeepSpeed checkpoints in <output_dir>/checkpoints; 0: none
-    resume: bool = True  # continue from the latest checkpoint in <output_dir>/checkpoints when there is one
+    resume: bool = True  # continue from the newest complete checkpoint in <output_dir>/checkpoints; false: start over
+    keep_last: int | None = None  # complete checkpoints kept after each save; None: all
     num_threads: int | None = None
 
 
@@ -372,6 +373,8 @@ def validate(config: Config, check_paths: bool = True) -> Config:
                                       f"warmup step), got {trainer.warmup_steps}")
     _check(trainer.checkpoint_every >= 0, f"trainer.checkpoint_every: must be >= 0 (0 disables checkpoints), got {trainer.checkpoint_every}")
     _check(trainer.eval_every >= 0, f"trainer.eval_every: must be >= 0 (0 evaluates only at the end), got {trainer.eval_every}")
+    _check(trainer.keep_last is None or trainer.keep_last >= 1,
+           f"trainer.keep_last: must be >= 1 (checkpoints kept) or null (keep all), got {trainer.keep_last}")
     _check(trainer.num_threads is None or trainer.num_threads >= 1, f"trainer.num_threads: must be >= 1 or null, got {trainer.num_threads}")
     _check(config.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {config.data.max_length}")
     for key in ("max_train_chunks", "max_eval_chunks"):

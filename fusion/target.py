@@ -152,12 +152,13 @@ class TargetModel:
                          "tokens": s.tokens} for domain, s in scores.items()}
 
     def save_checkpoint(self, directory: Path, tag: str, state: dict) -> None:
-        """ZeRO-3 shards of every rank, optimizer and schedule, plus the loop's ``state``."""
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"fusion": state})
+        """ZeRO-3 shards of every rank, optimizer and schedule, plus the loop's ``state`` (``latest`` is
+        left to the caller: see :mod:`fusion.checkpoints`)."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"fusion": state}, save_latest=False)
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        """Load the latest checkpoint in ``directory``; returns the loop's state saved with it."""
-        _, client_state = self.engine.load_checkpoint(str(directory))
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        """Load checkpoint ``tag`` of ``directory``; returns the loop's state saved with it."""
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
         return client_state["fusion"]
 
     def save_pretrained(self, model_dir: Path, tokenizer, write: bool) -> None:

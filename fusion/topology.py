@@ -328,11 +328,20 @@ def init_deepspeed_comm(topology: Topology, backend: str) -> None:
     RAM-backed /dev/shm behind, until the machine ran out of memory. Once every rank of the role
     has mapped its peers' segments (all have returned from ``init_distributed`` and met at a
     barrier) the names can go; the mappings stay valid until the processes exit.
+
+    When this fails (a peer died or failed on its way in, so the run cannot start), this rank
+    unlinks the segment of every rank of its role on this machine before raising: its own, and
+    those of peers that were killed before they could unlink theirs.
     """
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)
-    dist.barrier()
+    try:
+        deepspeed.init_distributed(dist_backend=backend)
+        dist.barrier()
+    except BaseException:
+        for role_rank in range(len(topology.role.ranks)):
+            shared_memory_segment(role_rank).unlink(missing_ok=True)
+        raise
     shared_memory_segment(topology.role_rank).unlink(missing_ok=True)
 
 

@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusion.config import Config, ConfigError, config_text, save_config
+from fusion.checkpoints import Checkpoints, run_manifest
+from fusion.config import Config, config_text, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
+from fusion.finished import FINISHED, write_finished
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
 from fusion.metrics import MetricsLogger, TrainResult, eval_scalars
 from fusion.policies import POLICIES, make_policy
@@ -71,10 +73,6 @@ class Trainer:
     def setup(self) -> None:
         config, topology, data = self.config, self.topology, self.config.data
         torch.manual_seed(config.run.seed)
-        if topology.is_logging_rank:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
-        self.metrics.text("config", config_text(config))
         # Chunks must fit max_length under every tokenizer that will read them.
         tokenizers = run_tokenizers(config)
         self.tokenizer = tokenizers[0]
@@ -84,6 +82,8 @@ class Trainer:
         self.train_data, self.eval_data = chunks.train, chunks.eval
         for name, rows in ((data.train_split, chunks.train), (data.eval_split, chunks.eval)):
             self.metrics.info(f"data {name}: {len(rows)} chunks of <= {data.max_length} tokens ({chunks.reports[name]})")
+        self.checkpoints = Checkpoints(self.checkpoint_dir, run_manifest(config, tokenizers, chunks.train), config.trainer.keep_last,
+                                       topology.is_logging_rank, topology.trainer_group, topology.dp_size, self.metrics.info)
         self.collator = TextBatchCollator(self.tokenizer, data.max_length)
         self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
@@ -150,6 +150,11 @@ class Trainer:
     def train(self) -> TrainResult:
         trainer = self.config.trainer
         done = self._resume()
+        if self.topology.is_logging_rank:  # only once the run is accepted (a refused resume changes nothing)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
+            self.metrics.text("config", config_text(self.config))
+            (self.output_dir / FINISHED).unlink(missing_ok=True)  # under way (trainer.resume false starts over)
         # Skip the micro-batches the resumed steps consumed, so the data order is the uninterrupted one.
         consumed = done * trainer.gradient_accumulation_steps
         micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
@@ -181,7 +186,7 @@ class Trainer:
             if step != trainer.max_steps and self.topology.trainer_sum(torch.tensor([float(self.stop_requested)])) > 0:
                 self._save_checkpoint(step, in_flight)  # every trainer rank was asked, or one was: all stop here
                 raise Interrupted(step, self.checkpoint_dir)
-            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step != trainer.max_steps:
+            if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == trainer.max_steps):
                 self._save_checkpoint(step, in_flight)
             if trainer.eval_every and step % trainer.eval_every == 0 and step != trainer.max_steps:
                 self.metrics.scalars(step, eval_scalars(self.evaluate()))
@@ -189,13 +194,15 @@ class Trainer:
         final_eval = self.evaluate()
         self.metrics.scalars(trainer.max_steps, eval_scalars(final_eval))
         model_dir = self.save_model()
-        window, seconds = min(5, len(losses)), time.time() - started
+        seconds = time.time() - started
+        window = min(5, len(losses)) or float("nan")  # a run resumed from its final checkpoint trains no step
         sources = close_and_summarise(self.sources, self.topology.trainer_sum, seconds, self.topology.dp_size)
-        result = TrainResult(trainer.max_steps, tokens_seen, round(seconds, 1), sum(losses[:window]) / window,
-                             sum(losses[-window:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
+        result = TrainResult(trainer.max_steps, tokens_seen, round(seconds, 1), sum(losses[:5]) / window,
+                             sum(losses[-5:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
                              sources, str(model_dir), str(self.metrics.log_dir), step_times)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
+            write_finished(self.output_dir, self.config, trainer.max_steps)
         return result
 
     def _save_checkpoint(self, step: int, in_flight: deque[Dispatched]) -> None:
@@ -203,21 +210,19 @@ class Trainer:
         routing, and the source choices of micro-batches already dispatched for later steps."""
         state = {"step": step, "routing": self.routing.state_dict(), "policy": self.policy.state_dict(),
                  "in_flight_choices": [entry.chosen for entry in in_flight]}
-        self.target.save_checkpoint(self.checkpoint_dir, f"step{step}", state)
+        self.checkpoints.save(self.target, step, state)
 
     def _resume(self) -> int:
-        """Load the latest checkpoint when resuming is on and one exists; return the steps already done."""
-        if not (self.config.trainer.resume and (self.checkpoint_dir / "latest").is_file()):
+        """Load the newest complete checkpoint when resuming is on and one exists; return the steps already done."""
+        step = self.checkpoints.resume_step(self.config.trainer.resume, self.config.trainer.max_steps)
+        if step is None:
             return 0
-        state = self.target.load_checkpoint(self.checkpoint_dir)
+        state = self.checkpoints.load(self.target, step)
         self.routing.load_state_dict(state["routing"])
         self.policy.load_state_dict(state["policy"])
         self.replayed_choices = deque(state["in_flight_choices"])
-        if state["step"] >= self.config.trainer.max_steps:
-            raise ConfigError(f"trainer.max_steps: the checkpoint in {self.checkpoint_dir} is already at step {state['step']}; "
-                              "raise max_steps, or set trainer.resume=false (or another run.output_dir) to start over")
-        self.metrics.info(f"resumed from {self.checkpoint_dir} at step {state['step']}")
-        return state["step"]
+        self.metrics.info(f"resumed from {self.checkpoint_dir} at step {step}")
+        return step
 
     def evaluate(self) -> dict:
         """Per-domain held-out loss, perplexity and bits per byte of the target on the eval split."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fusion.config import ConfigError, load_config
+from fusion.finished import finished_run
 from fusion.topology import (LaunchEnv, TopologyError, default_backend, init_deepspeed_comm, init_topology, plan_ranks, rank_plan,
                              shutdown)
 
@@ -54,12 +55,17 @@ def main() -> int:
                 print(config.run.output_dir)
             return 0
         plan = plan_ranks(config, env.world_size)
+        finished = finished_run(config)  # before anything is written: a finished run is never retrained
     except (ConfigError, TopologyError) as error:
         if env.rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         else:  # the launcher stops every rank once one exits: let rank 0 say why first
             time.sleep(ERROR_GRACE_S)
         return 2
+    if finished:
+        if env.rank == 0:
+            print(finished)
+        return 0
 
     torch.set_num_threads(config.trainer.num_threads or env.cpu_threads(os.cpu_count() or 1))
 

@@ -66,6 +66,7 @@ def test_wrong_types_are_named(raw, message):
 @pytest.mark.parametrize("raw, message", [
     (base(trainer={"lr": -1e-4}), r"trainer\.lr: must be > 0, got -0.0001"),
     (base(trainer={"max_steps": 0}), r"trainer\.max_steps: must be >= 1"),
+    (base(trainer={"keep_last": 0}), r"trainer\.keep_last: must be >= 1 \(checkpoints kept\) or null \(keep all\), got 0"),
     (base(selector={"tau": 1.0}), r"selector\.tau: must be in \(0, 1\), got 1.0"),
     (base(selector={"tau": 0}), r"selector\.tau: must be in \(0, 1\)"),
     (base(fusion={"mode": "none", "lam": 1.5}), r"fusion\.lam: must be in \[0, 1\]"),
