@@ -6,7 +6,7 @@ Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``eval/<domain
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -24,12 +24,35 @@ class TrainResult:
     first_loss: float  # mean of the first (up to) 5 steps
     final_loss: float  # mean of the last (up to) 5 steps
     eval: dict
-    eval_before: dict  # the same held-out metrics before this run's first step ({} when resumed)
+    eval_before: dict  # the same held-out metrics before the run's first step
     routing: dict
     sources: dict
     model_dir: str
     tensorboard_dir: str
-    step_seconds: list  # wall time of every step of this run
+    step_seconds: list  # wall time of every step of the run
+
+
+@dataclass
+class RunProgress:
+    """What the run did so far, over every invocation of it: a resumed run's checkpoint carries it on,
+    so that the result and the summary cover the whole run, not just its last part."""
+
+    tokens: int = 0
+    seconds: float = 0.0  # training time of the earlier invocations (this one's is added at the end)
+    losses: list = field(default_factory=list)
+    step_seconds: list = field(default_factory=list)
+    eval_before: dict = field(default_factory=dict)
+    sources: list = field(default_factory=list)  # per source, this rank's counters (``SourceCounters`` fields)
+
+    def add_step(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.step_seconds.append(round(seconds, 4))
+
+    def loss_window(self, first: bool) -> float:
+        """Mean loss of the first (or last) up to 5 steps; NaN when no step was trained."""
+        window = self.losses[:5] if first else self.losses[-5:]
+        return sum(window) / len(window) if window else float("nan")
 
 
 def eval_scalars(evaluation: dict[str, dict]) -> dict[str, float]:

@@ -31,7 +31,7 @@ from fusion.config import Config, config_text, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
 from fusion.finished import FINISHED, write_finished
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
-from fusion.metrics import MetricsLogger, TrainResult, eval_scalars
+from fusion.metrics import MetricsLogger, RunProgress, TrainResult, eval_scalars
 from fusion.policies import POLICIES, make_policy
 from fusion.routing import Routing
 from fusion.sources.base import close_and_summarise, counter_scalars, wait_scalars
@@ -101,6 +101,7 @@ class Trainer:
         # Source choices made before a checkpoint for micro-batches not yet trained (prefetched);
         # a resumed run reuses them so that it chooses exactly as the uninterrupted run did.
         self.replayed_choices: deque[torch.Tensor] = deque()
+        self.progress = RunProgress()
         self.target = TargetModel(config, topology.dp_size, self.device)
         self.sources.ready()  # engine groups loaded their models meanwhile
         for name, counters in zip(self.sources.names, self.sources.counters):
@@ -160,20 +161,16 @@ class Trainer:
         micro_batches = (batch for _, batch in iterate_epochs(self.train_loader, consumed // len(self.train_loader),
                                                                consumed % len(self.train_loader)))
         in_flight: deque[Dispatched] = deque()
-        self.next_dispatch_step = done + 1
-        started, tokens_seen, losses, step_times = time.time(), 0, [], []
-        # What the run changed is only visible against where it started (a few batches' loss is noisy).
-        eval_before = self.evaluate() if done == 0 else {}
-        if eval_before:
-            self.metrics.scalars(0, eval_scalars(eval_before))
+        self.next_dispatch_step, self.started = done + 1, time.time()
+        if done == 0:  # what the run changed is only visible against where it started (a few batches' loss is noisy)
+            self.progress.eval_before = self.evaluate()
+            self.metrics.scalars(0, eval_scalars(self.progress.eval_before))
         progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
             step_started, waited = time.time(), [counters.waited for counters in self.sources.counters]
             step_loss, lm_loss, soft_loss, step_tokens = self._train_step(step, micro_batches, in_flight)
-            tokens_seen += step_tokens
-            losses.append(step_loss)
             step_seconds = time.time() - step_started
-            step_times.append(round(step_seconds, 4))
+            self.progress.add_step(step_loss, step_tokens, step_seconds)
             perf = {"perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds, **self.target.timings(),
                     **wait_scalars(self.sources, waited, step_seconds)}
             progress.set_postfix(loss=f"{step_loss:.3f}")
@@ -194,12 +191,11 @@ class Trainer:
         final_eval = self.evaluate()
         self.metrics.scalars(trainer.max_steps, eval_scalars(final_eval))
         model_dir = self.save_model()
-        seconds = time.time() - started
-        window = min(5, len(losses)) or float("nan")  # a run resumed from its final checkpoint trains no step
+        run, seconds = self.progress, self.progress.seconds + time.time() - self.started
         sources = close_and_summarise(self.sources, self.topology.trainer_sum, seconds, self.topology.dp_size)
-        result = TrainResult(trainer.max_steps, tokens_seen, round(seconds, 1), sum(losses[:5]) / window,
-                             sum(losses[-5:]) / window, final_eval, eval_before, self.routing.table(self.topology.trainer_sum),
-                             sources, str(model_dir), str(self.metrics.log_dir), step_times)
+        result = TrainResult(trainer.max_steps, run.tokens, round(seconds, 1), run.loss_window(True), run.loss_window(False),
+                             final_eval, run.eval_before, self.routing.table(self.topology.trainer_sum), sources, str(model_dir),
+                             str(self.metrics.log_dir), run.step_seconds)
         if self.topology.is_logging_rank:
             (self.output_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
             write_finished(self.output_dir, self.config, trainer.max_steps)
@@ -208,8 +204,10 @@ class Trainer:
     def _save_checkpoint(self, step: int, in_flight: deque[Dispatched]) -> None:
         """ZeRO-3 shards plus what only the loop knows: step, policy (selector, its optimizer and RNG),
         routing, and the source choices of micro-batches already dispatched for later steps."""
+        progress = asdict(self.progress) | {"seconds": self.progress.seconds + time.time() - self.started,
+                                            "sources": [asdict(counters) for counters in self.sources.counters]}
         state = {"step": step, "routing": self.routing.state_dict(), "policy": self.policy.state_dict(),
-                 "in_flight_choices": [entry.chosen for entry in in_flight]}
+                 "in_flight_choices": [entry.chosen for entry in in_flight], "progress": progress}
         self.checkpoints.save(self.target, step, state)
 
     def _resume(self) -> int:
@@ -221,6 +219,9 @@ class Trainer:
         self.routing.load_state_dict(state["routing"])
         self.policy.load_state_dict(state["policy"])
         self.replayed_choices = deque(state["in_flight_choices"])
+        self.progress = RunProgress(**state["progress"])
+        for counters, saved in zip(self.sources.counters, self.progress.sources):
+            counters.__dict__.update(saved)  # a resumed run's summary covers the whole run
         self.metrics.info(f"resumed from {self.checkpoint_dir} at step {step}")
         return step
 

@@ -185,3 +185,10 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, ti
     second = load_file(output_dir / "model" / "model.safetensors")
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
+    # The resumed run's result covers the whole run, not only its part after the checkpoint.
+    whole, resumed = (json.loads((run / "result.json").read_text()) for run in (uninterrupted, output_dir))
+    assert resumed["tokens"] == whole["tokens"] and len(resumed["step_seconds"]) == 30
+    assert resumed["first_loss"] == pytest.approx(whole["first_loss"], rel=1e-4)
+    assert resumed["eval_before"].keys() == whole["eval_before"].keys()
+    for domain, row in whole["eval_before"].items():
+        assert resumed["eval_before"][domain]["bits_per_byte"] == pytest.approx(row["bits_per_byte"], rel=1e-5)
