@@ -90,8 +90,10 @@ def test_killed_predictive_run_resumes_to_the_same_choices_and_weights(tmp_path,
     runs = (uninterrupted, tmp_path / "resumed")
     first, second = (json.loads((run / "result.json").read_text()) for run in runs)
     assert second["routing"] == first["routing"]
-    for name, entry in first["sources"].items():  # counted over the whole run, both parts
-        assert second["sources"][name]["sequences"] == entry["sequences"], name
+    # Source work is counted over the whole run, both parts; the prefetched steps' requests were sent
+    # before the kill and are sent again after it (at most prefetch_steps x micro_batch_size more).
+    for name, entry in first["sources"].items():
+        assert entry["sequences"] <= second["sources"][name]["sequences"] <= entry["sequences"] + 2 * STEPS["micro_batch_size"]
     models = [load_file(run / "model" / "model.safetensors") for run in runs]
     selectors = [torch.load(run / "selector.pt")["selector"] for run in runs]
     for reference, resumed in (models, selectors):
