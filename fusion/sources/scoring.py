@@ -339,73 +339,74 @@ class SourceScorer:
                         for c, candidate in enumerate(top_ids[row, alignment.source[t]].tolist()):
                             if _spells_less(shifted_surface(source_surfaces[candidate], shift), gold):
                                 ids_row[c], dropped[slot, c] = target_ids[t + 1], False
-                    self._write(answer, row, int(t), ids_row, dropped[slot], top_logprobs[row, alignment.source[t]])
+                    _write_label(answer, row, int(t), ids_row, dropped[slot], top_logprobs[row, alignment.source[t]])
             if inside_allowed:
-                self._fill_inside(answer, row, text, source_ids, source_bounds, target_ids, target_bounds,
+                _fill_inside(answer, row, text, source_ids, source_bounds, target_ids, target_bounds,
                                   alignment.source, top_logprobs[row], top_ids[row], source_surfaces,
                                   target_surfaces, mid_text)
 
-    def _fill_inside(self, answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
-                     target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
-                     mid_text: MidTextTokenizer) -> None:
-        """Labels of the target positions whose next token starts inside a source token (``_fill_labels``)."""
-        starting = np.flatnonzero(source_bounds.starts >= 0)
-        if starting.size == 0:
-            return
-        pending = []  # (t, kept candidate slots, remainders)
-        for t in range(len(target_ids) - 1):
-            c = int(target_bounds.starts[t + 1])
-            if aligned[t] >= 0 or c < 0 or target_bounds.virtual[t + 1]:
-                continue
-            m = int(starting[np.searchsorted(source_bounds.starts[starting], c, side="right") - 1]) \
-                if source_bounds.starts[starting[0]] < c else -1
-            if m < 1 or source_bounds.virtual[m] or c >= source_bounds.ends[m]:
-                continue
-            seen = text[source_bounds.starts[m]:c].encode("utf-8")
-            if not (source_surfaces[source_ids[m]] or b"").startswith(seen):
-                continue  # the token does not spell the text here (dropped bytes)
-            slots, remainders = [], []
-            for slot, candidate in enumerate(ids[m - 1].tolist()):
-                surface = source_surfaces[candidate]
-                if surface and len(surface) > len(seen) and surface.startswith(seen):
-                    slots.append(slot)
-                    remainders.append(surface[len(seen):])
-            if slots:
-                resolve = _spells_less(source_surfaces[source_ids[m]][len(seen):], target_surfaces[target_ids[t + 1]])
-                pending.append((t, m - 1, slots, remainders, resolve))
-        if not pending:
-            return
-        texts = [r.decode("utf-8", errors="ignore") for _, _, _, rs, _ in pending for r in rs]
-        first = iter(mid_text.first_tokens(texts).tolist())
-        k = ids.shape[-1]
-        for t, position, slots, remainders, resolve in pending:
-            gold_id = target_ids[t + 1]
-            gold = target_surfaces[gold_id]
-            mapped = np.zeros(k, dtype=np.int64)
-            dropped = np.ones(k, dtype=bool)
-            for slot, remainder in zip(slots, remainders):
-                projected = next(first)
-                if resolve and _spells_less(remainder, gold):
-                    projected = gold_id
-                elif remainder.decode("utf-8", errors="ignore").encode() != remainder:
-                    projected = -1  # a piece of a character: no text to project
-                if projected >= 0:
-                    mapped[slot], dropped[slot] = projected, False
-            kept = torch.from_numpy(~dropped)
-            if not kept.any():
-                continue
-            row_logprobs = logprobs[position].clone()
-            # Renormalised over the candidates that extend what the target has seen.
-            row_logprobs[kept] -= torch.logsumexp(row_logprobs[kept], dim=0)
-            self._write(answer, row, t, mapped, dropped, row_logprobs)
 
-    @staticmethod
-    def _write(answer: SparseSoftLabels, row: int, t: int, mapped: np.ndarray, dropped: np.ndarray,
-               logprobs: torch.Tensor) -> None:
-        dropped_t = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
-        answer.indices[row, t] = torch.as_tensor(np.asarray(mapped), dtype=torch.int32).masked_fill(dropped_t, 0)
-        answer.logprobs[row, t] = logprobs.masked_fill(dropped_t, float("-inf")).to(answer.logprobs.dtype)
-        answer.valid[row, t] = not bool(dropped_t.all())
+def _fill_inside(answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
+                 target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
+                 mid_text: MidTextTokenizer) -> None:
+    """Labels of the target positions whose next token starts inside a source token (``SourceScorer._fill_labels``)."""
+    starting = np.flatnonzero(source_bounds.starts >= 0)
+    if starting.size == 0:
+        return
+    pending = []  # (t, kept candidate slots, remainders)
+    for t in range(len(target_ids) - 1):
+        c = int(target_bounds.starts[t + 1])
+        if aligned[t] >= 0 or c < 0 or target_bounds.virtual[t + 1]:
+            continue
+        m = int(starting[np.searchsorted(source_bounds.starts[starting], c, side="right") - 1]) \
+            if source_bounds.starts[starting[0]] < c else -1
+        if m < 1 or source_bounds.virtual[m] or c >= source_bounds.ends[m]:
+            continue
+        seen = text[source_bounds.starts[m]:c].encode("utf-8")
+        if not (source_surfaces[source_ids[m]] or b"").startswith(seen):
+            continue  # the token does not spell the text here (dropped bytes)
+        slots, remainders = [], []
+        for slot, candidate in enumerate(ids[m - 1].tolist()):
+            surface = source_surfaces[candidate]
+            if surface and len(surface) > len(seen) and surface.startswith(seen):
+                slots.append(slot)
+                remainders.append(surface[len(seen):])
+        if slots:
+            resolve = _spells_less(source_surfaces[source_ids[m]][len(seen):], target_surfaces[target_ids[t + 1]])
+            pending.append((t, m - 1, slots, remainders, resolve))
+    if not pending:
+        return
+    texts = [r.decode("utf-8", errors="ignore") for _, _, _, rs, _ in pending for r in rs]
+    first = iter(mid_text.first_tokens(texts).tolist())
+    k = ids.shape[-1]
+    for t, position, slots, remainders, resolve in pending:
+        gold_id = target_ids[t + 1]
+        gold = target_surfaces[gold_id]
+        mapped = np.zeros(k, dtype=np.int64)
+        dropped = np.ones(k, dtype=bool)
+        for slot, remainder in zip(slots, remainders):
+            projected = next(first)
+            if resolve and _spells_less(remainder, gold):
+                projected = gold_id
+            elif remainder.decode("utf-8", errors="ignore").encode() != remainder:
+                projected = -1  # a piece of a character: no text to project
+            if projected >= 0:
+                mapped[slot], dropped[slot] = projected, False
+        kept = torch.from_numpy(~dropped)
+        if not kept.any():
+            continue
+        row_logprobs = logprobs[position].clone()
+        # Renormalised over the candidates that extend what the target has seen.
+        row_logprobs[kept] -= torch.logsumexp(row_logprobs[kept], dim=0)
+        _write_label(answer, row, t, mapped, dropped, row_logprobs)
+
+def _write_label(answer: SparseSoftLabels, row: int, t: int, mapped: np.ndarray, dropped: np.ndarray,
+                 logprobs: torch.Tensor) -> None:
+    """Position ``t`` of ``answer``'s row: the mapped candidates, their log-probs, dropped ones cleared."""
+    dropped_t = torch.as_tensor(np.asarray(dropped), dtype=torch.bool)
+    answer.indices[row, t] = torch.as_tensor(np.asarray(mapped), dtype=torch.int32).masked_fill(dropped_t, 0)
+    answer.logprobs[row, t] = logprobs.masked_fill(dropped_t, float("-inf")).to(answer.logprobs.dtype)
+    answer.valid[row, t] = not bool(dropped_t.all())
 
 
 def _spells_less(surface: bytes | None, gold: bytes | None) -> bool:
