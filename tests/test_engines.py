@@ -115,6 +115,22 @@ def start_ranks(config: Path, world_size: int, log_dir: Path) -> list[subprocess
     return processes
 
 
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Wait until ``text`` appears in ``log`` while ``process`` runs (fails on its exit or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def stop_all(processes) -> None:
+    """Kill what is still running of ``processes`` (a test's clean-up)."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("mode", ["all_uniform", "scores"])
 def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path, tiny_target, tiny_sources, tiny_corpus, mode):
     sources = source_specs(tiny_sources) + [{"name": "hung", "path": str(tiny_sources[0]), "batch_size": 3}]
@@ -126,10 +142,7 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
     trainer, _, wordpiece, hung = processes
     trainer_log = tmp_path / "rank0.log"
     try:
-        deadline = time.monotonic() + 300
-        while f"step 4/{steps}" not in trainer_log.read_text():
-            assert trainer.poll() is None and time.monotonic() < deadline, trainer_log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for_line(trainer_log, f"step 4/{steps}", trainer)
         wordpiece.send_signal(signal.SIGKILL)  # dies: its connection closes
         hung.send_signal(signal.SIGSTOP)  # hangs: only the request timeout finds it
         assert trainer.wait(timeout=300) == 0, trainer_log.read_text()[-4000:]
@@ -137,10 +150,7 @@ def test_a_dead_and_a_hung_source_are_marked_down_and_training_finishes(tmp_path
         # The stopped source ends too, once training is over (the trainer wakes it): the run ends, and ends well.
         assert hung.wait(timeout=60) == 0, (tmp_path / "rank3.log").read_text()[-3000:]
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_all(processes)
     summary = json.loads((tmp_path / "failures" / "result.json").read_text())
     entries = summary["sources"]
     assert entries["wordpiece"]["down"] and entries["hung"]["down"] and not entries["bpe"]["down"]
@@ -167,10 +177,7 @@ def test_a_failing_trainer_exits_non_zero_and_stops_the_sources(tmp_path, tiny_t
         assert trainer.wait(timeout=300) == 1
         assert source.wait(timeout=120) == 0, (tmp_path / "rank1.log").read_text()[-3000:]
     finally:
-        for process in (trainer, source):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_all((trainer, source))
     assert "error: trainer rank 0 failed" in (tmp_path / "rank0.log").read_text()
 
 
@@ -179,37 +186,25 @@ def test_a_hung_trainer_rank_ends_the_run_after_the_collective_timeout(tmp_path,
                           max_steps=400, **STEPS)
     first, second = start_ranks(config, 2, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "step 2/400" not in (tmp_path / "rank0.log").read_text():
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for_line(tmp_path / "rank0.log", "step 2/400", first)
         second.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         assert first.wait(timeout=120) == 1
         assert time.monotonic() - stopped < 60
         assert "error: trainer rank 0 failed" in (tmp_path / "rank0.log").read_text()
     finally:
-        for process in (first, second):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_all((first, second))
 
 
 def test_sigusr1_saves_a_checkpoint_and_stops_then_the_same_command_resumes(tmp_path, tiny_target, tiny_corpus):
     config = write_config(tmp_path, "interrupted", 2, tiny_target, tiny_corpus, max_steps=400, **STEPS)
     first, second = start_ranks(config, 2, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "step 3/400" not in (tmp_path / "rank0.log").read_text():
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for_line(tmp_path / "rank0.log", "step 3/400", first)
         second.send_signal(signal.SIGUSR1)  # one rank is asked: both stop at the same step
         assert first.wait(timeout=120) == 3 and second.wait(timeout=120) == 3, (tmp_path / "rank0.log").read_text()[-3000:]
     finally:
-        for process in (first, second):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_all((first, second))
     log = (tmp_path / "rank0.log").read_text()
     assert "interrupted: stopped on request after step" in log and "run the same command again to resume" in log
     step = int(log.split("stopped on request after step ")[1].split(";")[0])
