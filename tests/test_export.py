@@ -28,10 +28,11 @@ PROMPT = "Red green blue. Cat dog"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_tied_target, tiny_corpus) -> dict[str, Path]:
-    """``checkpointed``: 4 steps, checkpoints step1..step3 (latest); ``reference``: the same run stopped
-    after 3 steps, whose ``model/`` the trainer saved itself (16-bit gather; fp32 here)."""
+    """``checkpointed``: 3 steps, checkpoints step1..step3 (the last one is the final checkpoint, latest);
+    ``reference``: the same run without checkpoints, whose ``model/`` the trainer saved itself (16-bit
+    gather; fp32 here)."""
     root = tmp_path_factory.mktemp("export")
-    _, checkpointed = launch(root, "checkpointed", 2, tiny_tied_target, tiny_corpus, max_steps=4, checkpoint_every=1, **STEPS)
+    _, checkpointed = launch(root, "checkpointed", 2, tiny_tied_target, tiny_corpus, max_steps=3, checkpoint_every=1, **STEPS)
     _, reference = launch(root, "reference", 2, tiny_tied_target, tiny_corpus, max_steps=3, **STEPS)
     assert (checkpointed / "checkpoints" / "latest").read_text().strip() == "step3"
     return {"checkpointed": checkpointed, "reference": reference, "root": root}
