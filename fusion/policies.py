@@ -183,8 +183,7 @@ class GatePolicy(FusionPolicy):
         self.generator.set_state(state["generator"])
 
     def save(self, path: Path, source_names: list[str]) -> None:
-        torch.save({"selector": self.selector.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "sources": source_names}, path)
+        torch.save({**self.state_dict(), "sources": source_names}, path)
 
 
 class Predictive(GatePolicy):

@@ -65,9 +65,12 @@ def sample(chunks: datasets.Dataset, limit: int | None, seed: int) -> datasets.D
 def held_out_chunks(config: Config, split_name: str, tokenizers: Sequence) -> datasets.Dataset:
     """The chunks of ``split_name`` a run evaluates on (for the eval split, the ``data.max_eval_chunks`` sample)."""
     chunks, _ = chunked_split(config, split_name, tokenizers)
-    if split_name == config.data.eval_split:
-        chunks = sample(chunks, config.data.max_eval_chunks, subset_seed(config))
-    return chunks
+    return eval_sample(config, chunks) if split_name == config.data.eval_split else chunks
+
+
+def eval_sample(config: Config, eval_chunks: datasets.Dataset) -> datasets.Dataset:
+    """The ``data.max_eval_chunks`` sample of the chunked eval split: what the trainer and evaluation score."""
+    return sample(eval_chunks, config.data.max_eval_chunks, subset_seed(config))
 
 
 @dataclass(frozen=True)
@@ -86,5 +89,5 @@ def run_chunks(config: Config, tokenizers: Sequence) -> RunChunks:
     train_split, train_report = chunked_split(config, data.train_split, tokenizers)
     eval_split, eval_report = chunked_split(config, data.eval_split, tokenizers)
     train = sample(train_split.add_column("chunk_index", list(range(len(train_split)))), data.max_train_chunks, seed)
-    return RunChunks(train_split, train, sample(eval_split, data.max_eval_chunks, seed),
+    return RunChunks(train_split, train, eval_sample(config, eval_split),
                      {data.train_split: train_report, data.eval_split: eval_report})
