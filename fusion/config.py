@@ -121,11 +121,13 @@ class ExplorationConfig:
     end: float = 0.02
     decay_steps: int = 1000  # optimizer steps from start to end; the rate stays at end afterwards
     schedule: Literal["linear", "exponential", "constant"] = "linear"
+    measure_steps: int = 0  # the first optimizer steps ask every available source (the gate policies' warm-up)
 
 
 @dataclass(frozen=True)
 class SelectorConfig:
     tau: float = 0.15  # gate-probability threshold of the selection rule
+    objective: Literal["ranking", "regression"] = "ranking"  # what the predictive gate learns (fusion.selection)
     min_sources: int = 1
     max_sources: int | None = None
     beta: float = 0.5
@@ -412,6 +414,7 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     for key in ("start", "end"):
         value = getattr(exploration, key)
         _check(0 <= value <= 1, f"selector.exploration.{key}: must be in [0, 1], got {value}")
+    _check(exploration.measure_steps >= 0, f"selector.exploration.measure_steps: must be >= 0, got {exploration.measure_steps}")
     _check(exploration.decay_steps >= 1, f"selector.exploration.decay_steps: must be >= 1, got {exploration.decay_steps}")
     _check(exploration.schedule != "exponential" or (exploration.start > 0 and exploration.end > 0),
            "selector.exploration.schedule: 'exponential' needs start > 0 and end > 0; use 'linear' to decay to 0")

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from fusion.config import Config, read_ground_truth
 from fusion.fusion_weights import chosen_weights, sharpen_weights
-from fusion.selection import SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss
+from fusion.selection import (SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss,
+                              selector_regression_loss)
 from fusion.sources.answer import SparseSoftLabels
 
 # Stands in for the score of a row a source did not answer (masked out of the weights anyway).
@@ -155,11 +156,16 @@ class GatePolicy(FusionPolicy):
             weights = sharpen_weights(weights, _scores(answers, "nll_per_byte"), sharpen)
         return weights
 
-    def _learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+    def _loss(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor):
+        """``(gate_logits, loss, stats)`` of the selector on what ran (the paper's ranking objective)."""
         selector = self.config.selector
         gate_logits = self._gate_logits(batch, answers, ran)
         loss, stats = selector_loss(gate_logits, ran.to(self.device), _scores(answers, "nll_per_byte").to(self.device),
                                     selector.beta, selector.target_temperature)
+        return gate_logits, loss, stats
+
+    def _learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+        gate_logits, loss, stats = self._loss(batch, answers, ran)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Replicated on every trainer rank: averaged gradients keep the replicas identical.
@@ -187,21 +193,52 @@ class GatePolicy(FusionPolicy):
 
 
 class Predictive(GatePolicy):
-    """``predictive``: the gate reads the target ids, so it chooses before any source runs."""
+    """``predictive``: the gate reads the target ids, so it chooses before any source runs.
+
+    With ``selector.objective: regression`` the network predicts each source's bits per byte on the
+    sequence and the gate prefers the lowest (``fusion.selection``); with ``ranking`` it is the
+    paper's gate. The first ``selector.exploration.measure_steps`` steps ask every available source.
+    """
 
     name = "predictive"
     features = "ids"
 
-    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+    def _network_output(self, batch: dict) -> Tensor:
         return self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
+    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        output = self._network_output(batch)
+        if self.config.selector.objective == "regression":
+            return -output / self.config.selector.gate_temperature
+        return output
+
+    def _loss(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor):
+        selector = self.config.selector
+        if selector.objective != "regression":
+            return super()._loss(batch, answers, ran)
+        nll_per_byte = _scores(answers, "nll_per_byte").to(self.device)
+        if not bool(self.selector.output_initialised):
+            self.selector.init_output_bias(ran.to(self.device), nll_per_byte)
+        predicted = self._network_output(batch)
+        gate_logits = -predicted / selector.gate_temperature
+        loss, stats = selector_regression_loss(predicted, gate_logits, ran.to(self.device), nll_per_byte, selector.beta)
+        return gate_logits, loss, stats
+
     def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
+        exploration = self.config.selector.exploration
+        if step < exploration.measure_steps:
+            return available.expand(batch["input_ids"].shape[0], -1).clone()
+        rate = exploration_rate_at(step, exploration.start, exploration.end, exploration.decay_steps, exploration.schedule)
+        return self.route(batch, available, rate)
+
+    def route(self, batch: dict, available: Tensor, exploration_rate: float = 0.0) -> Tensor:
+        """The selection rule on the gate's current probabilities (no exploration by default: what the
+        trained selector would choose, e.g. on held-out text)."""
         selector = self.config.selector
         with torch.no_grad():
             gate_probs = self._gate_logits(batch, [], available).softmax(-1).cpu()
-        exploration = selector.exploration
-        rate = exploration_rate_at(step, exploration.start, exploration.end, exploration.decay_steps, exploration.schedule)
-        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, rate, self.generator, available)
+        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, exploration_rate, self.generator,
+                      available)
 
 
 class Scores(GatePolicy):

@@ -22,6 +22,21 @@ Selection (``select``)
     ``exploration_rate`` one more available, unchosen source (uniformly at random) is added,
     so a sequence may get ``max_sources + 1`` sources.
 
+Selector objectives
+    ``ranking`` (``selector_loss``, the paper's) or ``regression`` (``selector_regression_loss``).
+
+Regression (``selector_regression_loss``)
+    The ``ids`` network's outputs are read as predicted scores ``m[b, s]`` (bits of source s per
+    byte of sequence b) and the gate is ``u[b, :] = -m[b, :] / T_gate``, so that the rule prefers
+    the sources expected to do best. Every source that ran gives a target, also for sequences
+    that only one source answered::
+
+        mse  = mean_{(b, s) : s in C_b} (m[b, s] - n[b, s])^2
+        loss = mse + beta * CV^2          (CV^2 of the gate's importance, as below)
+
+    The output bias starts at each source's mean measured score (``init_output_bias``), so the
+    network only has to learn how sequences differ, not the scale of the scores.
+
 Selector loss (``selector_loss``)
     Only the sources that ran have a realised score, so the prediction target is restricted
     to them. For every sequence with ``|C_b| >= 2``::
@@ -65,6 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GATE_FEATURES = ("ids", "scores")
+SELECTOR_OBJECTIVES = ("ranking", "regression")
 BASELINE_MODES = ("all_uniform", "avg_ce", "min_ce", "none")
 EXPLORATION_SCHEDULES = ("constant", "linear", "exponential")
 
@@ -115,6 +131,8 @@ class SelectionNetwork(nn.Module):
                 nn.GELU(),
                 nn.Linear(hidden_dim, num_sources),
             )
+            # Set by init_output_bias (regression objective); checkpointed with the weights.
+            self.register_buffer("output_initialised", torch.tensor(False))
         else:
             self.score_map = nn.Linear(num_sources, num_sources)
             with torch.no_grad():
@@ -156,6 +174,21 @@ class SelectionNetwork(nn.Module):
                 "(run all sources or read offline labels)"
             )
         return self.score_map(-nll_per_byte.float() / self.gate_temperature)
+
+    @torch.no_grad()
+    def init_output_bias(self, chosen: Tensor, nll_per_byte: Tensor) -> None:
+        """Set the ``ids`` MLP's output bias to each source's mean score where it ran (the mean over
+        every measured score for a source that did not run), and its output weights to zero."""
+        chosen = chosen.bool()
+        if not bool(chosen.any()):
+            raise ValueError("init_output_bias needs at least one measured score")
+        scores = torch.where(chosen, nll_per_byte.float(), 0.0)
+        overall = scores.sum() / chosen.sum()
+        per_source = scores.sum(0) / chosen.sum(0).clamp_min(1)
+        output = self.mlp[-1]
+        output.bias.copy_(torch.where(chosen.any(0), per_source, overall).to(output.bias.device))
+        output.weight.zero_()
+        self.output_initialised.fill_(True)
 
 
 def select(
@@ -257,6 +290,12 @@ class SelectorStats:
     measured_sequences: Tensor
 
 
+def feedback_term(gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(I, CV^2)``: the importance ``I_s = sum_b g[b, s]`` and its squared coefficient of variation."""
+    importance = torch.softmax(gate_logits.float(), dim=1).sum(dim=0)
+    return importance, importance.var(unbiased=False) / importance.mean().square()
+
+
 def selector_loss(
     gate_logits: Tensor,
     chosen: Tensor,
@@ -303,10 +342,53 @@ def selector_loss(
     count = measured.sum()
     ce = torch.where(measured, per_sequence, 0.0).sum() / count.clamp_min(1)
 
-    importance = torch.softmax(logits, dim=1).sum(dim=0)
-    cv2 = importance.var(unbiased=False) / importance.mean().square()
+    importance, cv2 = feedback_term(logits)
     loss = ce + beta * cv2
     stats = SelectorStats(ce=ce.detach(), cv2=cv2.detach(), importance=importance.detach(), measured_sequences=count)
+    return loss, stats
+
+
+def selector_regression_loss(
+    predicted: Tensor,
+    gate_logits: Tensor,
+    chosen: Tensor,
+    realised_nll_per_byte: Tensor,
+    beta: float,
+) -> tuple[Tensor, SelectorStats]:
+    """Squared error of the predicted scores where a source ran + ``beta`` * CV^2 (module docstring).
+
+    Args:
+        predicted: ``[B, S]`` predicted bits per byte ``m`` (differentiable).
+        gate_logits: ``[B, S]`` the gate logits derived from them (for the importance term).
+        chosen: ``[B, S]`` bool, the sources that ran.
+        realised_nll_per_byte: ``[B, S]`` scores; read only where ``chosen``.
+        beta: weight of the feedback term, >= 0.
+
+    Returns:
+        ``(loss, stats)``; ``stats.ce`` holds the mean squared error, ``measured_sequences`` the
+        sequences with at least one score.
+
+    Raises:
+        ValueError: shape mismatch, ``beta < 0`` or a non-finite score for a source that ran.
+    """
+    if predicted.dim() != 2 or gate_logits.shape != predicted.shape or chosen.shape != predicted.shape \
+            or realised_nll_per_byte.shape != predicted.shape:
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)}, gate_logits {tuple(gate_logits.shape)}, chosen {tuple(chosen.shape)} "
+            f"and realised_nll_per_byte {tuple(realised_nll_per_byte.shape)} must all be [B, S]"
+        )
+    if beta < 0:
+        raise ValueError(f"selector beta={beta} must be >= 0")
+    chosen = chosen.bool()
+    nll = realised_nll_per_byte.detach().float()
+    if bool((chosen & ~torch.isfinite(nll)).any()):
+        raise ValueError("realised_nll_per_byte is NaN/inf for a source that ran; every chosen source needs a score")
+    error = torch.where(chosen, predicted.float() - torch.where(chosen, nll, 0.0), 0.0)
+    mse = error.square().sum() / chosen.sum().clamp_min(1)
+    importance, cv2 = feedback_term(gate_logits)
+    loss = mse + beta * cv2
+    stats = SelectorStats(ce=mse.detach(), cv2=cv2.detach(), importance=importance.detach(),
+                          measured_sequences=chosen.any(dim=1).sum())
     return loss, stats
 
 

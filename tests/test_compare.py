@@ -55,11 +55,37 @@ def test_summaries_measure_each_seed_against_its_own_baseline():
     assert predictive.degraded == Spread(0, 0, 0) and predictive.summed_degradation == Spread(0, 0, 0)
     assert uniform.source_tokens == Spread(200, 200, 200) and predictive.source_tokens == Spread(60, 40, 80)
     assert predictive.mean_bits_per_byte.mean == pytest.approx((2.425 + 2.55) / 2)
-    assert [ok for _, ok in check_bar(list(by_mode.values()))] == [True, True, True, True]
     table = markdown_table(list(by_mode.values()))
     assert "| predictive (2 src) | 2.050 ± 0.150 |" in table and "| 30% |" in table
     with pytest.raises(ValueError, match="seed 3"):
         summarise([*outcomes, outcome("predictive", 3, 1.0, 1.0, 1)])
+
+
+def test_bar_on_hand_made_numbers():
+    """Training domains bible and code, unseen domain poems; ground truth: a is best on bible, b on code."""
+    truth = {"a": {"bible": 1.0, "code": 2.0, "poems": 1.5}, "b": {"bible": 2.0, "code": 1.0, "poems": 1.2}}
+    routing = {"bible": {"a": 0.9, "b": 0.2}, "code": {"a": 0.1, "b": 0.85}, "poems": {"a": 0.5, "b": 0.5}}
+
+    def outcome(mode, bible, code, poems, tokens, routes=None):
+        sources = () if mode == "none" else ("a", "b")
+        return RunOutcome(RunSpec(mode, sources, 1), {"bible": bible, "code": code, "poems": poems},
+                          {name: tokens for name in sources}, routes or {}, unseen=("poems",))
+
+    outcomes = [outcome("none", 2.0, 3.0, 2.5, 0), outcome("all_uniform", 1.95, 2.95, 2.4, 100),
+                outcome("min_ce", 1.9, 2.92, 2.4, 100), outcome("domain_oracle", 1.85, 2.8, 2.4, 50),
+                outcome("predictive", 1.86, 2.8, 2.45, 40, routing)]
+    summaries = summarise(outcomes)
+    predictive = next(s for s in summaries if s.mode == "predictive")
+    assert predictive.mean_bits_per_byte.mean == pytest.approx((1.86 + 2.8) / 2)  # poems left out
+    lines = check_bar(summaries, truth)
+    assert [ok for _, ok in lines] == [True, True, True, True, True, True]
+    assert "bible -> a 90%" in lines[4][0] and "code -> b 85%" in lines[4][0]
+    # Each part can fail: worse than min_ce, 0.02 behind the oracle, code degraded, 50% compute,
+    # bible routed to a 70% of the time, worse than none on poems.
+    failing = [outcome("none", 2.0, 2.9, 2.4, 0), outcome("all_uniform", 1.95, 2.95, 2.4, 100),
+               outcome("min_ce", 1.85, 2.8, 2.4, 100), outcome("domain_oracle", 1.80, 2.8, 2.4, 50),
+               outcome("predictive", 1.84, 2.95, 2.45, 50, {**routing, "bible": {"a": 0.7, "b": 0.3}})]
+    assert [ok for _, ok in check_bar(summarise(failing), truth)] == [False, False, False, False, False, False]
 
 
 def test_plots_are_written(tmp_path):

@@ -147,3 +147,20 @@ def test_reference_modes_need_a_ground_truth(tmp_path):
     raw["fusion"]["ground_truth"] = str(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="is not a launch/evaluate.py JSON"):
         read_ground_truth(raw["fusion"]["ground_truth"])
+
+
+def test_predictive_measures_every_source_first_then_chooses_by_predicted_score():
+    policy = make("predictive", objective="regression", tau=0.4, max_sources=1, gate_temperature=0.1,
+                  exploration={"start": 0.0, "end": 0.0, "decay_steps": 1, "measure_steps": 2})
+    available = torch.tensor([True, True, False])
+    for step in (0, 1):
+        assert policy.choose(BATCH, available, step).tolist() == [[True, True, False]] * B
+    per_byte = [[1.0, 0.5, NAN]] * B  # source 1 is better on every sequence
+    ran = torch.tensor([[True, True, False]] * B)
+    policy.learn(BATCH, answers(per_byte, per_byte), ran)
+    # The first update starts each source's predicted score at its mean: source 1 is preferred.
+    assert policy.choose(BATCH, available, step=2).tolist() == [[False, True, False]] * B
+    assert policy.stats()["select/ce"] >= 0
+    restored = make("predictive", objective="regression")
+    restored.load_state_dict(policy.state_dict())
+    assert bool(restored.selector.output_initialised)

@@ -1,8 +1,11 @@
-"""Small causal LMs the project trains itself: domain specialists and the demo's target.
+"""Small causal LMs the project trains itself from scratch: small sources and the demo's target.
 
-Each specialist uses a real tokenizer of another family (GPT-2 BPE, Llama SentencePiece,
-WordPiece) and is trained briefly on one domain, so that the run has sources with different
-tokenizers and different strengths. The target gets a byte-level BPE vocabulary trained on
+Each small source uses a real tokenizer of another family (GPT-2 BPE, Llama SentencePiece,
+WordPiece) and is trained briefly on one domain. They are far weaker than the pretrained
+sources, on their own domain too (``assets/models/report.md``): the pools use one of them as the
+deliberately weak source a selector must learn to avoid, and they give the tests and the
+alignment benchmarks more tokenizer families. The strong specialists are the pretrained models
+continued on one domain (``fusion.assets.specialists``). The target gets a byte-level BPE vocabulary trained on
 the whole corpus and a short pre-training on every domain; the demo then continues it.
 Everything is deterministic given the seed (single process, fixed data order).
 """
@@ -43,7 +46,7 @@ class LocalModelSpec:
     new_vocab_size: int = 8192
 
 
-SPECIALISTS = (
+SMALL_SOURCES = (
     LocalModelSpec("code-gpt2", "gpt2", ("code",)),
     LocalModelSpec("bible-mistral", "mistral-v1", ("bible",)),
     LocalModelSpec("shakespeare-wordpiece", "minilm-wordpiece", ("shakespeare",)),
