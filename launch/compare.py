@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/compare", help="corpus, answers, runs and logs go here")
     parser.add_argument("--report-dir", default=None, help="where compare.md/json and the PNGs go (default: <out>/report)")
     parser.add_argument("--modes", nargs="+", default=list(FUSION_MODES), choices=FUSION_MODES)
-    parser.add_argument("--pools", nargs="*", default=["gemma3,code-smollm2", "gemma3,code-smollm2,bible-smollm2,bible-mistral"],
+    parser.add_argument("--pools", nargs="*", default=["gemma3,code-smollm2", "gemma3,code-smollm2,bible-gemma3,bible-mistral"],
                         help="smaller source pools (comma-separated names); the full pool (every config source) is added")
     parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=FUSION_MODES,
                         help="modes also run with the smaller pools")
@@ -159,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     base_raw = comparison.run_config(raw, comparison.RunSpec("predictive", tuple(names), args.seeds[0]), str(out / "base"), shared)
     eval_config = parse_config(base_raw)
     chunks = held_out_chunks(eval_config, eval_config.data.eval_split, run_tokenizers(eval_config))
-    truth_file = ground_truth(eval_config, chunks, args.truth_per_domain, out, args.eval_batch_size)
-    truth = read_ground_truth(str(truth_file))
+    truth = read_ground_truth(str(ground_truth(eval_config, chunks, args.truth_per_domain, out, args.eval_batch_size)))
+    trained_domains = set(datasets.load_from_disk(str(corpus_dir))[eval_config.data.train_split]["domain"])
+    unseen = tuple(sorted(set(chunks["domain"]) - trained_domains))
+    # The reference modes route by the training domains' scores (a source's mean leaves unseen domains out).
+    truth_file = out / "truth_trained.json"
+    truth_file.write_text(json.dumps({"models": {name: {domain: {"bits_per_byte": bpb} for domain, bpb in scores.items()
+                                                        if domain in trained_domains} for name, scores in truth.items()}},
+                                     indent=2) + "\n")
     shared["fusion"]["ground_truth"] = str(truth_file)
     base_raw = comparison.run_config(raw, comparison.RunSpec("predictive", tuple(names), args.seeds[0]), str(out / "base"), shared)
     base_file = out / "base.yaml"
@@ -188,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         for _ in pool.map(lambda job: train(*job), pending):
             progress.update()
 
-    trained_domains = set(datasets.load_from_disk(str(corpus_dir))[eval_config.data.train_split]["domain"])
-    unseen = tuple(sorted(set(chunks["domain"]) - trained_domains))
     outcomes = []
     for spec, run_dir in run_dirs.items():
         heldout = run_dir / "heldout.json"

@@ -54,7 +54,7 @@ class SpecialistSpec:
 
 SPECIALISTS = (
     SpecialistSpec("code-smollm2", "smollm2-135m", "code", steps=240),
-    SpecialistSpec("bible-smollm2", "smollm2-135m", "bible"),
+    SpecialistSpec("bible-gemma3", "gemma3-270m", "bible", batch_size=4, steps=150, lr=8e-4),
     SpecialistSpec("shakespeare-gemma3", "gemma3-270m", "shakespeare", train_layers=4, batch_size=4, steps=150),
 )
 
