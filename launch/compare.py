@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/compare", help="corpus, answers, runs and logs go here")
     parser.add_argument("--report-dir", default=None, help="where compare.md/json and the PNGs go (default: <out>/report)")
     parser.add_argument("--modes", nargs="+", default=list(FUSION_MODES), choices=FUSION_MODES)
-    parser.add_argument("--pools", nargs="*", default=["gemma3,code-smollm2", "gemma3,code-smollm2,bible-gemma3,bible-mistral"],
+    parser.add_argument("--pools", nargs="*", default=["gemma3,code-smollm2", "gemma3,code-smollm2,bible-smollm2,bible-mistral"],
                         help="smaller source pools (comma-separated names); the full pool (every config source) is added")
     parser.add_argument("--pool-modes", nargs="*", default=["all_uniform", "predictive"], choices=FUSION_MODES,
                         help="modes also run with the smaller pools")
