@@ -353,7 +353,10 @@ def test_inside_labels_match_a_dense_reference_on_real_tokenizers(real_tokenizer
     model = LowRankOracle(vocab, seed=7)
     vocab_map = VocabMap.build(src, tgt, vocab)
     k = 4
-    texts = [text for text in _unicode_texts(10, seed=11) if not facts(src)[2] & set(text.encode())]
+    # A byte-level vocabulary that lacks a byte of the text drops it (tests/test_alignment.py covers that).
+    texts = [text for text in _unicode_texts(8, seed=11)
+             if family[0] != "byte_level" or not facts(src)[2] & set(text.encode())]
+    assert len(texts) >= 6
     answer = SourceScorer(model, src, tgt, vocab_map, top_k=k, dtype=torch.float32).score(texts)
     inside_positions = beyond_topk = 0
     for row, text in enumerate(texts):
