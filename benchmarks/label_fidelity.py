@@ -12,14 +12,31 @@ token (``t < L - 1``, next token not special) it reports:
   token (the candidates mapped to it), as a share of the label's kept mass;
 * ``top1_agreement``: share of labelled positions whose most probable candidate is the true next token;
 * ``ms_per_1k_tokens``: wall time of the scorer minus its forward pass and top-k, per 1,000 target
-  tokens: alignment + projection.
+  tokens: alignment + projection;
+* ``wrong_label_rate``: share of labelled positions whose label is wrong by an independent reference.
+  The reference (``tests/alignment_reference.py``) never reads offsets: it spells every id of both
+  encodings from its token string and walks the spellings along the text. For target position ``t``
+  whose next token starts, by the reference, at character ``c`` with no virtual space, it expects the
+  label from source position ``j`` when source token ``j + 1`` starts at ``c`` (at the space shift of
+  the two tokens' virtual spaces; a virtual target token is expected only so), else, inside source
+  token ``m`` (the last token starting before ``c``, ``m >= 1``, no virtual space, whose spelling
+  begins with ``text[start_m:c]`` and is longer), from position ``m - 1`` conditioned on
+  ``text[start_m:c]``; otherwise no label. A label is wrong when the scorer's
+  ``fusion.alignment.LabelPlan`` says it came from another source position, another space shift or
+  another seen text, or the reference expects none there. (Measured only for code whose scorer
+  exposes ``plans``; ``null`` otherwise.)
+* ``uncovered``: the unlabelled positions by cause, as shares of all positions: the plan's reason
+  (``fusion.alignment.PLAN_KINDS``), or ``aligned_all_dropped`` / ``inside_all_dropped`` where a
+  source distribution was found but the vocabulary map dropped every candidate.
 
-``--old`` also runs the code of commit ``47dc939`` (edit-distance vocabulary map, offsets-only
-alignment), extracted with ``git archive`` into a temporary folder and run in a subprocess, on the same
-texts. The last line printed is ``bar: min_coverage <x>``, the lowest new coverage over sources and
-domains; the exit status is 0 whether or not a bar is met.
+``--old [COMMIT]`` also runs the code of ``COMMIT`` (default ``47dc939``: edit-distance vocabulary map,
+offsets-only alignment), extracted with ``git archive`` into a temporary folder and run in a
+subprocess, on the same texts. The output ends with ``bar:`` lines: ``max_wrong_label_rate`` (new code,
+over sources and domains), with ``--old`` ``min_gold_prob_ratio`` (new over old gold_prob, lowest
+over sources and domains), and last ``bar: min_coverage <x>``, the lowest new coverage over sources
+and domains; the exit status is 0 whether or not a bar is met.
 
-    python benchmarks/label_fidelity.py [--texts 8] [--max-length 128] [--old] [--out benchmarks/results/label_fidelity.json]
+    python benchmarks/label_fidelity.py [--texts 8] [--max-length 128] [--old [COMMIT]] [--out benchmarks/results/label_fidelity.json]
 """
 from __future__ import annotations
 
@@ -34,6 +51,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "47dc939"
 SOURCES = ("smollm2-135m", "gemma3-270m")
+# (family, dummy-prefix rule) of each model folder's tokenizer, for the reference (tests/alignment_reference.py).
+REFERENCE_RULES = {"smollm2-135m": ("byte_level", None), "gemma3-270m": ("sentencepiece", None),
+                   "target": ("byte_level", None)}
 
 
 def texts_per_domain(corpus_dir: Path, target_tokenizer, count: int, max_length: int) -> dict[str, list[str]]:
@@ -64,14 +84,54 @@ def _timed(function, seconds: list[float]):
     return timed
 
 
+def expected_plan(source_tokenizer, source_rule, source_ids, target_tokenizer, target_ids, text: str) -> list:
+    """Per target position, the reference's source context: ``("aligned", j, shift)``, ``("inside", m - 1,
+    start_m)`` or None (module docstring, ``wrong_label_rate``)."""
+    from alignment_reference import reference_alignment, reference_boundaries, reference_spell
+
+    source = reference_boundaries(source_tokenizer, *source_rule, source_ids, text)
+    target = reference_boundaries(target_tokenizer, *REFERENCE_RULES["target"], target_ids, text)
+    aligned = reference_alignment(source, target, text)
+    expected = []
+    for t in range(len(target_ids)):
+        c, virtual = target[t + 1] if t + 1 < len(target) else (None, False)
+        if aligned[t][0] >= 0:
+            expected.append(("aligned", aligned[t][0], aligned[t][1]))
+            continue
+        before = [k for k, (start, _) in enumerate(source) if start is not None and c is not None and start < c]
+        m = before[-1] if before else -1
+        if c is None or virtual or m < 1 or source[m][1]:
+            expected.append(None)
+            continue
+        seen = text[source[m][0]:c].encode("utf-8", "surrogatepass")
+        spelled = reference_spell(source_tokenizer, source_rule[0], int(source_ids[m]))[0] or b""
+        expected.append(("inside", m - 1, source[m][0]) if spelled.startswith(seen) and len(spelled) > len(seen)
+                        else None)
+    return expected
+
+
+def plan_context(plan, t: int, kinds: tuple) -> tuple | None:
+    """The scorer's source context of target position ``t`` in the form of ``expected_plan``."""
+    kind = kinds[plan.kind[t]]
+    if kind == "aligned":
+        return ("aligned", int(plan.source[t]), int(plan.space_shift[t]))
+    if kind == "inside":
+        return ("inside", int(plan.source[t]), int(plan.seen_from[t]))
+    return None
+
+
 def measure(texts_by_domain: dict[str, list[str]], models_dir: Path, top_k: int, batch: int) -> dict:
     """Metrics of the ``fusion`` package importable now (new code, or old code on sys.path)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import fusion.alignment as alignment
     import fusion.sources.scoring as scoring
     from fusion.sources.scoring import SourceScorer, encode_with_offsets
     from fusion.vocab_map import VocabMap
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the brute-force reference of tests/alignment_reference.py
+    kinds = getattr(alignment, "PLAN_KINDS", None)
 
     torch.set_num_threads(2)
     target_tokenizer = AutoTokenizer.from_pretrained(models_dir / "target")
@@ -88,8 +148,10 @@ def measure(texts_by_domain: dict[str, list[str]], models_dir: Path, top_k: int,
         scoring.next_token_topk = _timed(topk, forward_time)
         model.forward = _timed(model.forward, forward_time)
         per_domain = {}
+        has_plans = kinds is not None and hasattr(scorer, "plans")
         for domain, texts in texts_by_domain.items():
-            counted = labelled = agree = 0
+            counted = labelled = agree = wrong = 0
+            uncovered: dict[str, int] = {}
             kept_mass = gold_prob = 0.0
             total_time = 0.0
             target_tokens = 0
@@ -101,15 +163,26 @@ def measure(texts_by_domain: dict[str, list[str]], models_dir: Path, top_k: int,
                 answer = scorer.score(chunk)
                 total_time += time.perf_counter() - start
                 probs = answer.logprobs.float().exp()
+                plans = scorer.plans(chunk) if has_plans else None
+                source_ids = encode_with_offsets(tokenizer, chunk)[0] if has_plans else None
                 for row, (row_ids, row_special) in enumerate(zip(ids, special)):
                     target_tokens += len(row_ids)
+                    expected = (expected_plan(tokenizer, REFERENCE_RULES[source], source_ids[row], target_tokenizer,
+                                              row_ids, chunk[row]) if has_plans else None)
                     for t in range(len(row_ids) - 1):
                         if row_special[t + 1]:
                             continue
                         counted += 1
                         if not answer.valid[row, t]:
+                            if has_plans:
+                                kind = kinds[plans[row].kind[t]]
+                                cause = f"{kind}_all_dropped" if kind in ("aligned", "inside") else kind
+                                uncovered[cause] = uncovered.get(cause, 0) + 1
                             continue
                         labelled += 1
+                        if has_plans:
+                            got = plan_context(plans[row], t, kinds)
+                            wrong += int(expected[t] is None or got != expected[t])
                         p = probs[row, t]
                         kept_mass += float(p.sum())
                         on_gold = answer.indices[row, t] == row_ids[t + 1]
@@ -122,10 +195,14 @@ def measure(texts_by_domain: dict[str, list[str]], models_dir: Path, top_k: int,
                 "gold_prob": gold_prob / labelled if labelled else float("nan"),
                 "top1_agreement": agree / labelled if labelled else float("nan"),
                 "ms_per_1k_tokens": 1000 * (total_time - forward_time[0]) / target_tokens * 1000,
+                "wrong_label_rate": (wrong / labelled if labelled else float("nan")) if has_plans else None,
+                "uncovered": {cause: n / counted for cause, n in sorted(uncovered.items())} if has_plans else None,
             }
-            print(f"{source:>13} {domain:>12} coverage {per_domain[domain]['coverage']:.3f} "
-                  f"gold_prob {per_domain[domain]['gold_prob']:.3f} top1 {per_domain[domain]['top1_agreement']:.3f} "
-                  f"kept {per_domain[domain]['kept_mass']:.3f} {per_domain[domain]['ms_per_1k_tokens']:.0f} ms/1k",
+            d = per_domain[domain]
+            print(f"{source:>13} {domain:>12} coverage {d['coverage']:.3f} gold_prob {d['gold_prob']:.3f} "
+                  f"top1 {d['top1_agreement']:.3f} kept {d['kept_mass']:.3f} {d['ms_per_1k_tokens']:.0f} ms/1k"
+                  + (f" wrong {d['wrong_label_rate']:.4f} uncovered "
+                     + " ".join(f"{c}={v:.3f}" for c, v in d["uncovered"].items()) if has_plans else ""),
                   file=sys.stderr, flush=True)
         scoring.next_token_topk = topk
         results[source] = {"coverage": vocab_map.coverage(), "domains": per_domain}
@@ -136,7 +213,7 @@ def measure(texts_by_domain: dict[str, list[str]], models_dir: Path, top_k: int,
 def run_old(texts_by_domain: dict, args) -> dict:
     """The same measurement with the package of OLD_COMMIT, in a subprocess."""
     with tempfile.TemporaryDirectory() as folder:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "fusion"], check=True, capture_output=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old, "fusion"], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
         texts_file = Path(folder) / "texts.json"
         texts_file.write_text(json.dumps(texts_by_domain))
@@ -154,7 +231,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128, help="target tokens per text")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--old", action="store_true", help=f"also measure the code of commit {OLD_COMMIT}")
+    parser.add_argument("--old", nargs="?", const=OLD_COMMIT, metavar="COMMIT",
+                        help=f"also measure the code of COMMIT (default {OLD_COMMIT})")
     parser.add_argument("--models", type=Path, default=ROOT / "assets" / "models")
     parser.add_argument("--corpus", type=Path, default=ROOT / "assets" / "corpus")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "label_fidelity.json")
@@ -179,13 +257,23 @@ def main() -> int:
     texts_by_domain = texts_per_domain(args.corpus, target_tokenizer, args.texts, args.max_length)
     new = measure(texts_by_domain, args.models, args.top_k, args.batch)
     old = run_old(texts_by_domain, args) if args.old else None
-    smallest = min(d["coverage"] for source in new.values() for d in source["domains"].values())
+    pairs = [(source, domain) for source in new for domain in new[source]["domains"]]
+    smallest = min(new[source]["domains"][domain]["coverage"] for source, domain in pairs)
+    most_wrong = max(new[source]["domains"][domain]["wrong_label_rate"] for source, domain in pairs)
+    summary = {"min_coverage": smallest, "max_wrong_label_rate": most_wrong}
+    if old is not None:
+        summary["min_gold_prob_ratio"] = min(
+            new[source]["domains"][domain]["gold_prob"] / old[source]["domains"][domain]["gold_prob"]
+            for source, domain in pairs)
     report = {"config": {"texts_per_domain": args.texts, "max_length": args.max_length, "top_k": args.top_k,
-                         "old_commit": OLD_COMMIT if args.old else None},
-              "new": new, "old": old, "summary": {"min_coverage": smallest}}
+                         "old_commit": args.old},
+              "new": new, "old": old, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    print(f"bar: max_wrong_label_rate {most_wrong:.4f}")
+    if old is not None:
+        print(f"bar: min_gold_prob_ratio {summary['min_gold_prob_ratio']:.3f}")
     print(f"bar: min_coverage {smallest:.3f}")
     return 0
 

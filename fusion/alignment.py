@@ -3,9 +3,11 @@
 Both tokenizers see the same text. Target position ``t`` predicts target token ``t + 1``, which starts
 at character ``c``; source position ``j`` is aligned to ``t`` when source token ``j + 1`` also starts
 at ``c``. Then both distributions are over "what follows ``text[:c]``", so the source's candidates,
-mapped to target token ids, are a soft label for target position ``t``. Positions without such a
-shared boundary get no label from this rule (``-1``); ``fusion.sources.scoring`` labels those whose
-boundary lies inside a source token. ``docs/ALIGNMENT.md`` states every rule and how it is tested.
+mapped to target token ids, are a soft label for target position ``t``. A target position without such
+a shared boundary whose next token starts inside source token ``m`` is labelled from the source's
+distribution at ``m - 1``, conditioned on the characters of token ``m`` the target has already seen
+(``plan_labels``; the candidates are chosen in ``fusion.sources.scoring``). ``docs/ALIGNMENT.md``
+states every rule and how it is tested.
 
 Where a token starts is read from what the token *spells* (its surface, from
 ``fusion.vocab_map.spell_vocabulary``: the bytes it adds to the text), placed on the text by its
@@ -64,6 +66,7 @@ class TokenSpelling:
         byte_level: byte-level BPE, the one family whose offsets may be trimmed (``trim_offsets``).
         first_bytes: int16 ``(V, 2)``, the surface's first two bytes (-1 where it has fewer), or None
             for tokenizers that normalise the text (their surfaces spell the normalised text).
+        surfaces: per id, the bytes it spells (``fusion.vocab_map.Vocabulary.surfaces``).
     """
 
     leading_spaces: np.ndarray
@@ -75,6 +78,12 @@ class TokenSpelling:
     word_breaks: bool
     byte_level: bool
     first_bytes: np.ndarray | None
+    surfaces: list
+
+    @property
+    def spells_raw_text(self) -> bool:
+        """The surfaces are the text's own bytes (byte-level BPE, SentencePiece without a normaliser)."""
+        return self.first_bytes is not None
 
     @classmethod
     def of(cls, tokenizer) -> "TokenSpelling":
@@ -105,7 +114,7 @@ class TokenSpelling:
         spelling = cls(leading, only_spaces, mid, vocabulary.is_byte_token.copy(), no_text, vocabulary.ends_word.copy(),
                        vocabulary.family == "end_of_word", vocabulary.family == "byte_level",
                        first_bytes if vocabulary.family in ("byte_level", "sentencepiece") and vocabulary.fold is None
-                       else None)
+                       else None, vocabulary.surfaces)
         try:
             _SPELLINGS[tokenizer] = spelling
         except TypeError:  # an object without weak references: recomputed next time
@@ -312,3 +321,90 @@ def align_next_token_positions(source_ids, source_offsets, source_spelling: Toke
     source = token_boundaries(source_ids, source_offsets, text, source_spelling)
     target = token_boundaries(target_ids, target_offsets, text, target_spelling)
     return align_boundaries(source, target, len(text))
+
+
+# Why a target position has, or lacks, a source distribution to label it from (``LabelPlan.kind``).
+PLAN_KINDS = ("aligned", "inside", "no_next_start", "next_virtual", "no_source_before", "source_virtual",
+              "past_source_span", "source_misspells", "source_normalises")
+(ALIGNED, INSIDE, NO_NEXT_START, NEXT_VIRTUAL, NO_SOURCE_BEFORE, SOURCE_VIRTUAL, PAST_SOURCE_SPAN,
+ SOURCE_MISSPELLS, SOURCE_NORMALISES) = range(len(PLAN_KINDS))
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """Which source distribution labels each target position of one text (``plan_labels``).
+
+    Attributes (one entry per target position ``t``; ``c`` is where target token ``t + 1`` starts):
+        kind: uint8, index into ``PLAN_KINDS``: ``aligned`` (source token ``j + 1`` starts at ``c``),
+            ``inside`` (``c`` lies inside source token ``m``), or why neither applies:
+            ``no_next_start`` (the last position, or target token ``t + 1`` starts no boundary: a
+            special token, a piece inside a character), ``next_virtual`` (it starts with a space the
+            text lacks and no source token starts there), ``no_source_before`` (``c`` lies in the
+            source's first token: no source position predicts it), ``source_virtual`` (token ``m``
+            begins with a virtual space), ``past_source_span`` (``c`` lies after token ``m``'s span:
+            text the source dropped), ``source_misspells`` (token ``m`` does not spell the text it
+            covers), ``source_normalises`` (the source's surfaces spell normalised text, so the
+            characters seen cannot be compared with them).
+        source: int64, the source position whose next-token distribution labels ``t``: ``j`` when
+            aligned, ``m - 1`` inside; -1 otherwise.
+        space_shift: int8, ``Alignment.space_shift`` of aligned positions, 0 elsewhere.
+        seen_from: int64, inside positions: where token ``m`` starts, so the target has already seen
+            ``text[seen_from:c]`` of it; -1 elsewhere.
+        next_start: int64, ``c``, -1 where target token ``t + 1`` starts no boundary.
+    """
+
+    kind: np.ndarray
+    source: np.ndarray
+    space_shift: np.ndarray
+    seen_from: np.ndarray
+    next_start: np.ndarray
+
+
+def plan_labels(source: Boundaries, target: Boundaries, text: str, source_ids,
+                source_spelling: TokenSpelling) -> LabelPlan:
+    """The source distribution that labels each target position (``LabelPlan``).
+
+    Aligned positions come from ``align_boundaries``. A position whose next token starts at ``c``
+    without a shared boundary is *inside* source token ``m``, the last source token starting before
+    ``c``, when ``m`` has a predecessor (``m >= 1``), starts with no virtual space, spans ``c`` and
+    spells the text ``text[start_m:c]`` the target has seen of it; only for sources whose surfaces
+    spell the raw text.
+
+    Args:
+        source, target: ``token_boundaries`` of the source's and the target's encoding of ``text``.
+        text: the text both encoded.
+        source_ids: ``(L_src,)`` the source's token ids.
+        source_spelling: ``TokenSpelling.of(source_tokenizer)``.
+    """
+    alignment = align_boundaries(source, target, len(text))
+    length = len(target.starts)
+    kind = np.full(length, NO_NEXT_START, dtype=np.uint8)
+    plan_source = alignment.source.copy()
+    seen_from = np.full(length, -1, dtype=np.int64)
+    next_start = np.full(length, -1, dtype=np.int64)
+    if length > 1:
+        next_start[:-1] = target.starts[1:]
+    kind[plan_source >= 0] = ALIGNED
+    starting = np.flatnonzero(source.starts >= 0)
+    for t in np.flatnonzero((plan_source < 0) & (next_start >= 0)).tolist():
+        c = int(next_start[t])
+        if target.virtual[t + 1]:
+            kind[t] = NEXT_VIRTUAL
+            continue
+        before = int(np.searchsorted(source.starts[starting], c, side="left")) - 1
+        m = int(starting[before]) if before >= 0 else -1
+        if m < 1:
+            kind[t] = NO_SOURCE_BEFORE
+        elif source.virtual[m]:
+            kind[t] = SOURCE_VIRTUAL
+        elif c >= source.ends[m]:
+            kind[t] = PAST_SOURCE_SPAN
+        elif not source_spelling.spells_raw_text:
+            kind[t] = SOURCE_NORMALISES
+        elif not (source_spelling.surfaces[int(source_ids[m])] or b"").startswith(
+                text[source.starts[m]:c].encode("utf-8", "surrogatepass")):
+            kind[t] = SOURCE_MISSPELLS  # dropped bytes: the token does not spell the text here
+        else:
+            kind[t], plan_source[t], seen_from[t] = INSIDE, m - 1, source.starts[m]
+    return LabelPlan(kind=kind, source=plan_source, space_shift=alignment.space_shift, seen_from=seen_from,
+                     next_start=next_start)

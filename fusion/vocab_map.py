@@ -42,6 +42,7 @@ one side's next token spells a space the text does not have, e.g. a SentencePiec
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -234,6 +235,42 @@ def spell_vocabulary(tokenizer, size: int | None = None) -> Vocabulary:
         bos_id=special_id("bos_token_id"),
         fold=normalizers.Sequence(folds) if folds else None,
     )
+
+
+class SurfaceIndex:
+    """The ids of a vocabulary sorted by surface, so that the ids whose surface extends a byte string
+    are one contiguous run of ``order``, found by bisection (``extending``).
+
+    Args:
+        surfaces: per id, the bytes it spells or None (``Vocabulary.surfaces``); ids spelling nothing
+            are left out.
+
+    Attributes:
+        order: int64 ``(N,)``, the ids with a surface, sorted by surface (ties by id).
+    """
+
+    def __init__(self, surfaces: list[bytes | None]):
+        spelled = sorted((surface, index) for index, surface in enumerate(surfaces) if surface)
+        self.order = np.fromiter((index for _, index in spelled), dtype=np.int64, count=len(spelled))
+        self._sorted = [surface for surface, _ in spelled]
+        self._device_orders: dict = {}
+
+    def device_order(self, device) -> torch.Tensor:
+        """``order`` as an int64 tensor on ``device`` (copied once per device)."""
+        device = torch.device(device)
+        if device not in self._device_orders:
+            self._device_orders[device] = torch.from_numpy(self.order).to(device)
+        return self._device_orders[device]
+
+    def extending(self, prefix: bytes) -> tuple[int, int]:
+        """``(lo, hi)``: ``order[lo:hi]`` are the ids whose surface starts with ``prefix`` and is longer."""
+        lo = bisect.bisect_right(self._sorted, prefix)
+        # Every longer surface starting with prefix sorts after prefix and before its successor (prefix
+        # with its last byte below 0xFF raised by one).
+        stem = prefix.rstrip(b"\xff")
+        if not stem:
+            return lo, len(self._sorted)
+        return lo, bisect.bisect_left(self._sorted, stem[:-1] + bytes([stem[-1] + 1]), lo)
 
 
 def _by_surface(vocabulary: Vocabulary) -> dict[bytes, list[int]]:

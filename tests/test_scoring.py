@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from alignment_reference import reference_boundaries, reference_spell
+from alignment_reference import facts, reference_boundaries, reference_spell
 from fusion.sources.scoring import SourceScorer, encode_with_offsets, next_token_topk
 from fusion.vocab_map import VocabMap
 
@@ -84,7 +86,7 @@ def toks():
 
 def dense_reference(model, tokenizer, text: str) -> tuple[torch.Tensor, list[int], list[tuple[int, int]], list[int]]:
     """Full-vocabulary log-softmax ``[L, V]`` of one unpadded text, with its ids, offsets, special mask."""
-    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, split_special_tokens=True)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0]
     return torch.log_softmax(logits.double(), dim=-1), enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
@@ -187,23 +189,37 @@ FAMILIES = {"bytes_bos": ("byte_level", None), "bytes_plain": ("byte_level", Non
             "metaspace": ("sentencepiece", "unless_space")}
 
 
-def _reference_labels(model, src, tgt, src_name, tgt_name, text, vocab_map, k):
+_SPELLED: dict = {}
+
+
+def _spelled(tokenizer, family: str, vocab: int) -> list:
+    """Every id's bytes by the reference's spelling (None beyond the tokenizer), once per tokenizer."""
+    key = (id(tokenizer), vocab)
+    if key not in _SPELLED:
+        _SPELLED[key] = ([reference_spell(tokenizer, family, i)[0] for i in range(min(vocab, len(tokenizer)))]
+                         + [None] * max(vocab - len(tokenizer), 0), tokenizer)
+    return _SPELLED[key][0]
+
+
+def _reference_labels(model, src, tgt, src_family, tgt_family, text, vocab_map, k):
     """Brute force from dense log-probs and spellings (no offsets): ({target position: (ids, logprobs)},
     the positions labelled from inside a source token).
 
-    Aligned: the source position whose next token starts where the target's next token starts
-    (both without virtual spaces), top-k mapped by the vocabulary map. Inside: the target's next
-    token starts at c inside source token m; the top-k of position m - 1 that spell text[start_m:c]
-    and more, renormalised, their remainder encoded by the target tokenizer (first token). In both,
-    where the source's own token spells a proper prefix of the target's next token, candidates that
-    do too map to that token.
+    ``src_family``/``tgt_family`` are ``(family, dummy prefix rule)`` for the reference. Aligned: the
+    source position whose next token starts where the target's next token starts (both without
+    virtual spaces), top-k mapped by the vocabulary map. Inside: the target's next token starts at c
+    inside source token m; among *all* ids of the source's vocabulary, those that spell
+    text[start_m:c] and more, with the dense log-probs of position m - 1 renormalised over them, the
+    k most probable, their remainder encoded by the target tokenizer (first token; a piece of a
+    character is dropped). In both, where the source's own token spells a proper prefix of the
+    target's next token, candidates that do too map to that token.
     """
     dense, src_ids, _, _ = dense_reference(model, src, text)
     tgt_ids = tgt(text, split_special_tokens=True)["input_ids"]
-    src_bounds = reference_boundaries(src, *FAMILIES[src_name], src_ids, text)
-    tgt_bounds = reference_boundaries(tgt, *FAMILIES[tgt_name], tgt_ids, text)
-    spell_src = lambda i: reference_spell(src, FAMILIES[src_name][0], i)[0] if i < len(src) else None  # noqa: E731
-    spell_tgt = lambda i: reference_spell(tgt, FAMILIES[tgt_name][0], i)[0]  # noqa: E731
+    src_bounds = reference_boundaries(src, *src_family, src_ids, text)
+    tgt_bounds = reference_boundaries(tgt, *tgt_family, tgt_ids, text)
+    spelled = _spelled(src, src_family[0], dense.shape[-1])
+    spell_tgt = lambda i: reference_spell(tgt, tgt_family[0], i)[0]  # noqa: E731
     labels, inside = {}, set()
     for t in range(len(tgt_ids) - 1):
         c, virtual = tgt_bounds[t + 1]
@@ -218,8 +234,8 @@ def _reference_labels(model, src, tgt, src_name, tgt_name, text, vocab_map, k):
                 continue
             values, cand = torch.topk(dense[j - 1], k)
             mapped = vocab_map.source_to_target[cand.numpy()].astype(np.int64)
-            if less(spell_src(src_ids[j])):
-                mapped = np.where([less(spell_src(int(i))) for i in cand], gold_id, mapped)
+            if less(spelled[src_ids[j]]):
+                mapped = np.where([less(spelled[int(i)]) for i in cand], gold_id, mapped)
             labels[t] = (mapped, values)
             continue
         before = [j for j in range(1, len(src_ids)) if src_bounds[j][0] is not None and src_bounds[j][0] < c]
@@ -227,27 +243,28 @@ def _reference_labels(model, src, tgt, src_name, tgt_name, text, vocab_map, k):
             continue
         m = before[-1]
         seen = text[src_bounds[m][0]:c].encode()
-        actual = spell_src(src_ids[m])
+        actual = spelled[src_ids[m]]
         if not actual or not actual.startswith(seen) or len(actual) <= len(seen):
             continue
-        values, cand = torch.topk(dense[m - 1], k)
-        mapped, kept = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
-        for slot, i in enumerate(cand.tolist()):
-            surface = spell_src(i)
-            if not surface or len(surface) <= len(seen) or not surface.startswith(seen):
-                continue
-            remainder = surface[len(seen):]
+        extending = [i for i, surface in enumerate(spelled)
+                     if surface and len(surface) > len(seen) and surface.startswith(seen)]
+        conditional = dense[m - 1, extending] - torch.logsumexp(dense[m - 1, extending], 0)
+        values, slots = torch.topk(conditional, min(k, len(extending)))
+        mapped, kept = np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=bool)
+        for slot, i in enumerate(extending[s] for s in slots.tolist()):
+            remainder = spelled[i][len(seen):]
             try:
                 encoded = tgt(remainder.decode(), add_special_tokens=False)["input_ids"]
             except UnicodeDecodeError:
-                continue
+                encoded = None  # a piece of a character
             if less(actual[len(seen):]) and less(remainder):
                 mapped[slot], kept[slot] = gold_id, True
             elif encoded:
                 mapped[slot], kept[slot] = encoded[0], True
+        padded = torch.full((k,), float("-inf"), dtype=torch.float64)
+        padded[: len(values)] = values
         if kept.any():
-            values = values.masked_fill(~torch.from_numpy(kept), float("-inf"))
-            labels[t] = (np.where(kept, mapped, -1), values - torch.logsumexp(values[torch.from_numpy(kept)], 0))
+            labels[t] = (mapped, padded.masked_fill(~torch.from_numpy(kept), float("-inf")))
             inside.add(t)
     return labels, inside
 
@@ -280,7 +297,7 @@ def test_answers_match_a_brute_force_reference(toks, source, target, coarser):
     answer = SourceScorer(model, src, tgt, vocab_map, top_k=k, dtype=torch.float32).score(TEXTS, target_offsets, length=41)
     inside_positions = 0
     for row, text in enumerate(TEXTS):
-        expected, inside = _reference_labels(model, src, tgt, source, target, text, vocab_map, k)
+        expected, inside = _reference_labels(model, src, tgt, FAMILIES[source], FAMILIES[target], text, vocab_map, k)
         expected = {t: v for t, v in expected.items() if (v[0] >= 0).any() and torch.isfinite(v[1]).any()}
         got = set(torch.nonzero(answer.valid[row]).flatten().tolist())
         assert got == set(expected), (row, sorted(got ^ set(expected)))
@@ -292,6 +309,76 @@ def test_answers_match_a_brute_force_reference(toks, source, target, coarser):
         inside_positions += sum(1 for t in expected if t in inside)
     # A source with longer tokens than the target's leaves target boundaries inside its tokens.
     assert (inside_positions > 10) == coarser, inside_positions
+
+
+class LowRankOracle(torch.nn.Module):
+    """NextTokenOracle for real vocabularies (too wide for a V x V table): logits of the current token
+    through a random rank-16 table, plus a bump on the true next token when its id is even. Where it
+    is odd the source's own token is rarely among its unconditional top-k, so labels inside source
+    tokens need candidates from the whole vocabulary."""
+
+    def __init__(self, vocab: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("embed", torch.randn(vocab, 16, generator=generator))
+        self.register_buffer("out", torch.randn(16, vocab, generator=generator))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.embed[input_ids] @ self.out
+        following = input_ids[:, 1:, None]
+        logits[:, :-1].scatter_add_(2, following, 9.0 * (following % 2 == 0).float())
+        return SimpleNamespace(logits=logits)
+
+
+_UNICODE_PIECES = ["the", " quick", " Straße", " naïve", " café", " İstanbul", " Ωmega", "ﬁx", " 東京都", "日本語",
+                   " 한국어", " ภาษาไทย", " हिन्दी", " 😀", "👍🏽", "🇫🇷", " e\u0301", " 12345", " 3.14", "2026", " —",
+                   "…", " «", "»", "\n", "\n\n", "\t", "  ", " ", " \u00a0", "\u3000", " antidisestablishment",
+                   " unbelievably", " Übermut", " (x)", "!", ",", " ñandú"]
+
+
+def _unicode_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_UNICODE_PIECES) for _ in range(rng.randint(6, 24))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("source, family", [("smollm2", ("byte_level", None)), ("mistral-v1", ("sentencepiece", "always"))])
+def test_inside_labels_match_a_dense_reference_on_real_tokenizers(real_tokenizers, toks, source, family):
+    """Labels inside source tokens, for a real byte-level BPE (SmolLM2) and a real SentencePiece source
+    (Mistral: byte fallback, dummy prefix) onto a small byte-level target (whose tokens are mostly
+    shorter, so that many target positions lie inside source tokens), on random unicode-heavy texts:
+    every label of _reference_labels (the dense distribution over the whole vocabulary restricted to
+    the ids that extend the characters seen, renormalised, top-k, projected) and no other."""
+    src, tgt = real_tokenizers[source], toks["bytes_plain"]
+    vocab = len(src) + 5
+    model = LowRankOracle(vocab, seed=7)
+    vocab_map = VocabMap.build(src, tgt, vocab)
+    k = 4
+    # A byte-level vocabulary that lacks a byte of the text drops it (tests/test_alignment.py covers that).
+    texts = [text for text in _unicode_texts(8, seed=11)
+             if family[0] != "byte_level" or not facts(src)[2] & set(text.encode())]
+    assert len(texts) >= 6
+    answer = SourceScorer(model, src, tgt, vocab_map, top_k=k, dtype=torch.float32).score(texts)
+    inside_positions = beyond_topk = 0
+    for row, text in enumerate(texts):
+        expected, inside = _reference_labels(model, src, tgt, family, ("byte_level", None), text, vocab_map, k)
+        expected = {t: v for t, v in expected.items() if (v[0] >= 0).any() and torch.isfinite(v[1]).any()}
+        got = set(torch.nonzero(answer.valid[row]).flatten().tolist())
+        assert got == set(expected), (row, text, sorted(got ^ set(expected)))
+        for t, (ids, values) in expected.items():
+            keep = (ids >= 0) & torch.isfinite(values).numpy()
+            assert answer.indices[row, t][torch.from_numpy(keep)].tolist() == ids[keep].tolist(), (row, t)
+            torch.testing.assert_close(answer.logprobs[row, t][torch.from_numpy(keep)].double(),
+                                       values[torch.from_numpy(keep)], atol=1e-4, rtol=0)
+        dense = dense_reference(model, src, text)[0]
+        plan = SourceScorer(model, src, tgt, vocab_map, top_k=k).plans([text])[0]
+        for t in inside & set(expected):
+            inside_positions += 1
+            seen = text[plan.seen_from[t]:plan.next_start[t]].encode()
+            top = torch.topk(dense[plan.source[t]], k).indices.tolist()
+            spelled = _spelled(src, family[0], vocab)
+            beyond_topk += not any(spelled[i] and spelled[i].startswith(seen) and len(spelled[i]) > len(seen) for i in top)
+    # Many inside positions, and some that the source's unconditional top-k could not have labelled.
+    assert inside_positions > 20 and beyond_topk > 5, (inside_positions, beyond_topk)
 
 
 def test_chunked_and_unchunked_scoring_are_identical(toks):

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusion.alignment import Boundaries, TokenSpelling, align_boundaries, token_boundaries
+from fusion.alignment import ALIGNED, INSIDE, LabelPlan, TokenSpelling, plan_labels, token_boundaries
 from fusion.sources.answer import SparseSoftLabels
-from fusion.vocab_map import MidTextTokenizer, VocabMap, shifted_surface, spell_vocabulary
+from fusion.vocab_map import MidTextTokenizer, SurfaceIndex, VocabMap, shifted_surface, spell_vocabulary
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -206,9 +206,10 @@ class SourceScorer:
             length: position dimension L of the answer (≥ every target length); default the longest.
 
         Returns:
-            ``SparseSoftLabels`` on CPU with ``[B, L, k]`` candidates. A position is valid when the
-            alignment gives it a source position and at least one candidate maps into the target
-            vocabulary; NLLs count every non-special source token the model predicts (not BOS).
+            ``SparseSoftLabels`` on CPU with ``[B, L, k]`` candidates. A position is valid when its
+            ``plans`` entry is aligned (``_fill_aligned``) or inside a source token (``_fill_inside``)
+            and at least one candidate maps into the target vocabulary; NLLs count every non-special
+            source token the model predicts (not BOS).
 
         Raises:
             ValueError: sizes disagree (offsets vs texts, length, the vocab map vs the logits' width),
@@ -230,6 +231,7 @@ class SourceScorer:
             raise ValueError(f"score: a target sequence has {longest} tokens, more than length={length}")
 
         ids, source_offsets, special = encode_with_offsets(self.source_tokenizer, texts, self.max_length)
+        plans = self._plans(texts, (ids, source_offsets), (target_ids, own_offsets))
         input_ids, attention_mask, next_ids = self._batch_tensors(ids, special)
         with torch.inference_mode():
             logits = _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask))
@@ -243,11 +245,13 @@ class SourceScorer:
             top_logprobs, top_ids, gold_logprob = next_token_topk(
                 logits, attention_mask, next_ids, self.top_k, self.temperature, self.chunk_rows
             )
+            inside = self._inside_candidates(logits, texts, plans)
             del logits
         top_logprobs, top_ids, gold_logprob = top_logprobs.cpu(), top_ids.cpu(), gold_logprob.cpu()
 
         answer = SparseSoftLabels.empty(len(texts), length, self.top_k, self.dtype)
-        self._fill_labels(answer, texts, (ids, source_offsets), (target_ids, own_offsets), top_logprobs, top_ids)
+        self._fill_aligned(answer, plans, ids, target_ids, top_logprobs, top_ids)
+        _fill_inside(answer, texts, plans, ids, target_ids, inside, *self._spellings()[:3])
         scored = (next_ids >= 0).cpu()
         for row, text in enumerate(texts):
             count = int(scored[row].sum())
@@ -279,126 +283,149 @@ class SourceScorer:
             next_ids[row, : n - 1] = torch.where(is_text, following, -100)
         return input_ids.to(self.device), attention_mask.to(self.device), next_ids.to(self.device)
 
+    def plans(self, texts: Sequence[str]) -> list[LabelPlan]:
+        """Per text, which source distribution labels each target position (``fusion.alignment.LabelPlan``),
+        for the encodings ``score`` uses."""
+        source = encode_with_offsets(self.source_tokenizer, texts, self.max_length)
+        target = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
+        return self._plans(texts, source[:2], target[:2])
+
+    def _plans(self, texts, source, target) -> list[LabelPlan]:
+        source_spelling = TokenSpelling.of(self.source_tokenizer)
+        target_spelling = TokenSpelling.of(self.target_tokenizer)
+        plans = []
+        for row, text in enumerate(texts):
+            source_bounds = token_boundaries(source[0][row], source[1][row], text, source_spelling)
+            target_bounds = token_boundaries(target[0][row], target[1][row], text, target_spelling)
+            plans.append(plan_labels(source_bounds, target_bounds, text, source[0][row], source_spelling))
+        return plans
+
     def _spellings(self):
-        """Source/target surfaces and the target's mid-text tokenizer, computed once per scorer."""
+        """Source/target surfaces, the target's mid-text tokenizer and the source's surface index,
+        computed once per scorer."""
         if getattr(self, "_spelled", None) is None:
             source = spell_vocabulary(self.source_tokenizer, len(self.vocab_map.source_to_target))
             target = spell_vocabulary(self.target_tokenizer)
-            # Labels inside source tokens compare raw text bytes: only for sources spelling the text as is.
-            inside = source.family in ("byte_level", "sentencepiece") and source.fold is None
-            self._spelled = (source.surfaces, target.surfaces, MidTextTokenizer(self.target_tokenizer, target), inside)
+            self._spelled = (source.surfaces, target.surfaces, MidTextTokenizer(self.target_tokenizer, target),
+                             SurfaceIndex(source.surfaces))
         return self._spelled
 
-    def _fill_labels(
-        self,
-        answer: SparseSoftLabels,
-        texts: Sequence[str],
-        source: tuple[list[list[int]], list[list[tuple[int, int]]]],
-        target: tuple[list[list[int]], list[list[tuple[int, int]]]],
-        top_logprobs: torch.Tensor,
-        top_ids: torch.Tensor,
-    ) -> None:
-        """Fill ``answer`` (in place) with the mapped candidates of every target position that gets a label.
+    def _fill_aligned(self, answer: SparseSoftLabels, plans: list[LabelPlan], source_ids, target_ids,
+                      top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """Fill ``answer`` (in place) at the aligned target positions: the top-k of the source position
+        predicting the token that starts where the target's next token starts, mapped at the alignment's
+        space shift.
 
-        ``source`` and ``target`` are ``(ids, offsets)`` per text. Two kinds of positions get one:
-
-        * *aligned* (``fusion.alignment``): the source position predicting the token that starts where
-          the target's next token starts; its candidates are mapped at the alignment's space shift.
-        * *inside* a source token: the target's next token starts at character ``c`` inside source
-          token ``m``, whose first characters ``seen = text[start_m:c]`` the target has already
-          consumed. The source's distribution at position ``m - 1`` (over token ``m``), restricted to
-          the candidates that spell ``seen`` and more and renormalised over them, is the source's
-          belief about what follows ``text[:c]``; each such candidate maps to the target token that
-          starts the target's tokenization of its remainder (the text after ``seen``). Only for
-          sources whose tokens spell the raw text (byte-level BPE, SentencePiece), and where neither
-          token spells a virtual space.
-
-        In both, where the source's own next token spells less of the text than the target's next
-        token (the source splits digits where the target keeps "201"), a candidate whose text is a
-        proper prefix of the target's next token maps to that token: the text says that is what the
-        target emits for the continuation the candidate begins.
+        Where the source's own next token spells less of the text than the target's next token (the
+        source splits digits where the target keeps "201"), a candidate whose text is a proper prefix of
+        the target's next token maps to that token: the text says that is what the target emits for the
+        continuation the candidate begins (the same rule holds inside source tokens, ``_fill_inside``).
         """
-        source_surfaces, target_surfaces, mid_text, inside_allowed = self._spellings()
-        source_spelling = TokenSpelling.of(self.source_tokenizer)
-        target_spelling = TokenSpelling.of(self.target_tokenizer)
-        for row, text in enumerate(texts):
-            source_ids, target_ids = source[0][row], target[0][row]
-            source_bounds = token_boundaries(source_ids, source[1][row], text, source_spelling)
-            target_bounds = token_boundaries(target_ids, target[1][row], text, target_spelling)
-            alignment = align_boundaries(source_bounds, target_bounds, len(text))
-            hit = np.flatnonzero(alignment.source >= 0)
-            if hit.size:
-                mapped, dropped = self.vocab_map.map_topk(top_ids[row, alignment.source[hit]].numpy(),
-                                                          alignment.space_shift[hit])
-                for slot, t in enumerate(hit):
-                    gold = target_surfaces[target_ids[t + 1]]
-                    shift = int(alignment.space_shift[t])
-                    ids_row = mapped[slot].astype(np.int64)
-                    actual = shifted_surface(source_surfaces[source_ids[alignment.source[t] + 1]], shift)
-                    if _spells_less(actual, gold):
-                        for c, candidate in enumerate(top_ids[row, alignment.source[t]].tolist()):
-                            if _spells_less(shifted_surface(source_surfaces[candidate], shift), gold):
-                                ids_row[c], dropped[slot, c] = target_ids[t + 1], False
-                    _write_label(answer, row, int(t), ids_row, dropped[slot], top_logprobs[row, alignment.source[t]])
-            if inside_allowed:
-                _fill_inside(answer, row, text, source_ids, source_bounds, target_ids, target_bounds,
-                                  alignment.source, top_logprobs[row], top_ids[row], source_surfaces,
-                                  target_surfaces, mid_text)
+        source_surfaces, target_surfaces = self._spellings()[:2]
+        for row, plan in enumerate(plans):
+            hit = np.flatnonzero(plan.kind == ALIGNED)
+            if not hit.size:
+                continue
+            positions = plan.source[hit]
+            mapped, dropped = self.vocab_map.map_topk(top_ids[row, positions].numpy(), plan.space_shift[hit])
+            for slot, (t, j) in enumerate(zip(hit.tolist(), positions.tolist())):
+                gold = target_surfaces[target_ids[row][t + 1]]
+                shift = int(plan.space_shift[t])
+                ids_row = mapped[slot].astype(np.int64)
+                actual = shifted_surface(source_surfaces[source_ids[row][j + 1]], shift)
+                if _spells_less(actual, gold):
+                    for c, candidate in enumerate(top_ids[row, j].tolist()):
+                        if _spells_less(shifted_surface(source_surfaces[candidate], shift), gold):
+                            ids_row[c], dropped[slot, c] = target_ids[row][t + 1], False
+                _write_label(answer, row, t, ids_row, dropped[slot], top_logprobs[row, j])
+
+    def _inside_candidates(self, logits: torch.Tensor, texts, plans: list[LabelPlan]) -> dict:
+        """``{(row, t): (logprobs [k], ids [k])}`` at the inside positions of ``plans``: ``extending_topk``
+        of the source position ``plan.source[t]`` over the ids extending the characters seen."""
+        index = self._spellings()[3]
+        queries, keys = [], []
+        for row, (text, plan) in enumerate(zip(texts, plans)):
+            for t in np.flatnonzero(plan.kind == INSIDE).tolist():
+                seen = text[plan.seen_from[t]:plan.next_start[t]].encode("utf-8", "surrogatepass")
+                queries.append((row, int(plan.source[t]), *index.extending(seen)))
+                keys.append((row, t))
+        logprobs, ids = extending_topk(logits, queries, index, self.top_k, self.temperature)
+        return {key: (logprobs[q], ids[q]) for q, key in enumerate(keys)}
 
 
-def _fill_inside(answer, row, text, source_ids, source_bounds: Boundaries, target_ids,
-                 target_bounds: Boundaries, aligned, logprobs, ids, source_surfaces, target_surfaces,
-                 mid_text: MidTextTokenizer) -> None:
-    """Labels of the target positions whose next token starts inside a source token (``SourceScorer._fill_labels``)."""
-    starting = np.flatnonzero(source_bounds.starts >= 0)
-    if starting.size == 0:
-        return
-    pending = []  # (t, kept candidate slots, remainders)
-    for t in range(len(target_ids) - 1):
-        c = int(target_bounds.starts[t + 1])
-        if aligned[t] >= 0 or c < 0 or target_bounds.virtual[t + 1]:
-            continue
-        m = int(starting[np.searchsorted(source_bounds.starts[starting], c, side="right") - 1]) \
-            if source_bounds.starts[starting[0]] < c else -1
-        if m < 1 or source_bounds.virtual[m] or c >= source_bounds.ends[m]:
-            continue
-        seen = text[source_bounds.starts[m]:c].encode("utf-8")
-        if not (source_surfaces[source_ids[m]] or b"").startswith(seen):
-            continue  # the token does not spell the text here (dropped bytes)
-        slots, remainders = [], []
-        for slot, candidate in enumerate(ids[m - 1].tolist()):
-            surface = source_surfaces[candidate]
-            if surface and len(surface) > len(seen) and surface.startswith(seen):
-                slots.append(slot)
-                remainders.append(surface[len(seen):])
-        if slots:
-            resolve = _spells_less(source_surfaces[source_ids[m]][len(seen):], target_surfaces[target_ids[t + 1]])
-            pending.append((t, m - 1, slots, remainders, resolve))
-    if not pending:
-        return
-    texts = [r.decode("utf-8", errors="ignore") for _, _, _, rs, _ in pending for r in rs]
-    first = iter(mid_text.first_tokens(texts).tolist())
-    k = ids.shape[-1]
-    for t, position, slots, remainders, resolve in pending:
-        gold_id = target_ids[t + 1]
+def extending_topk(logits: torch.Tensor, queries: Sequence[tuple[int, int, int, int]], index: SurfaceIndex,
+                   top_k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source's distribution over the ids that extend what the target has seen, renormalised, top-k.
+
+    For query ``(row, position, lo, hi)`` the candidates are ``index.order[lo:hi]`` (every id whose
+    surface extends the characters seen, from the whole vocabulary); their log-probs are the
+    log-softmax of ``logits[row, position] / temperature`` over those ids alone, and the ``top_k`` most
+    probable are returned (fewer candidates: the rest of the row is ``-inf`` with id 0). Only the
+    candidates' logits are read, one position at a time: no full-vocabulary copy.
+
+    Args:
+        logits: ``[B, L, V]`` source logits.
+        queries: ``(row, position, lo, hi)`` per inside target position.
+        index: the source's ``SurfaceIndex``.
+        top_k: candidates kept per query.
+        temperature: as in ``next_token_topk``.
+
+    Returns:
+        ``(logprobs [Q, k] float32, ids [Q, k] int64)`` on CPU.
+    """
+    logprobs = torch.full((len(queries), top_k), float("-inf"), dtype=torch.float32, device=logits.device)
+    ids = torch.zeros(len(queries), top_k, dtype=torch.long, device=logits.device)
+    if queries:
+        order = index.device_order(logits.device)
+        for q, (row, position, lo, hi) in enumerate(queries):
+            if hi <= lo:
+                continue
+            candidates = order[lo:hi]
+            x = logits[row, position, candidates].float() / temperature
+            values, slots = x.topk(min(top_k, hi - lo))
+            logprobs[q, : len(slots)] = values - torch.logsumexp(x, dim=0)
+            ids[q, : len(slots)] = candidates[slots]
+    return logprobs.cpu(), ids.cpu()
+
+
+def _fill_inside(answer: SparseSoftLabels, texts, plans: list[LabelPlan], source_ids, target_ids, inside: dict,
+                 source_surfaces, target_surfaces, mid_text: MidTextTokenizer) -> None:
+    """Fill ``answer`` (in place) at the target positions whose next token starts inside a source token.
+
+    The target's next token starts at ``c`` inside source token ``m``, whose first characters
+    ``seen = text[start_m:c]`` the target has already consumed (``fusion.alignment.plan_labels``). The
+    source's distribution at ``m - 1`` over the ids of its whole vocabulary that spell ``seen`` and
+    more, renormalised over them (``extending_topk``), is its belief about what follows ``text[:c]``;
+    each of the top-k maps to the target token that starts the target's tokenization of its
+    remainder (the text after ``seen``), or, when the source's own token ``m`` spells less than the
+    target's next token past ``seen``, to that target token if the remainder is a proper prefix of
+    it (``SourceScorer._fill_aligned``). A remainder that is a piece of a character is dropped.
+    """
+    pending = []  # (row, t, bytes seen, [(slot, remainder)])
+    for (row, t), (_, ids) in inside.items():
+        seen = len(texts[row][plans[row].seen_from[t]:plans[row].next_start[t]].encode("utf-8", "surrogatepass"))
+        pending.append((row, t, seen, [(slot, source_surfaces[candidate][seen:])
+                                       for slot, candidate in enumerate(ids.tolist()) if source_surfaces[candidate]]))
+    first = iter(mid_text.first_tokens([r.decode("utf-8", errors="ignore") for *_, slots in pending
+                                        for _, r in slots]).tolist())
+    for row, t, seen, slots in pending:
+        logprobs = inside[row, t][0]
+        gold_id = target_ids[row][t + 1]
         gold = target_surfaces[gold_id]
-        mapped = np.zeros(k, dtype=np.int64)
-        dropped = np.ones(k, dtype=bool)
-        for slot, remainder in zip(slots, remainders):
+        resolve = _spells_less(source_surfaces[source_ids[row][plans[row].source[t] + 1]][seen:], gold)
+        mapped = np.zeros(len(logprobs), dtype=np.int64)
+        dropped = np.ones(len(logprobs), dtype=bool)
+        for slot, remainder in slots:
             projected = next(first)
             if resolve and _spells_less(remainder, gold):
                 projected = gold_id
             elif remainder.decode("utf-8", errors="ignore").encode() != remainder:
                 projected = -1  # a piece of a character: no text to project
-            if projected >= 0:
+            if projected >= 0 and torch.isfinite(logprobs[slot]):
                 mapped[slot], dropped[slot] = projected, False
-        kept = torch.from_numpy(~dropped)
-        if not kept.any():
-            continue
-        row_logprobs = logprobs[position].clone()
-        # Renormalised over the candidates that extend what the target has seen.
-        row_logprobs[kept] -= torch.logsumexp(row_logprobs[kept], dim=0)
-        _write_label(answer, row, t, mapped, dropped, row_logprobs)
+        if not dropped.all():
+            _write_label(answer, row, t, mapped, dropped, logprobs)
+
 
 def _write_label(answer: SparseSoftLabels, row: int, t: int, mapped: np.ndarray, dropped: np.ndarray,
                  logprobs: torch.Tensor) -> None:
