@@ -6,17 +6,16 @@ Every chunk already fits ``max_length`` tokens under the target's and every sour
 at most ``max_length`` under each of those tokenizers, so every side that reads the row reads at
 most ``max_length`` tokens, whether it takes the documents one by one or side by side.
 
-Rows hold chunks of one domain (routing, the reference policies and evaluation count rows by
-domain). The plan is best-fit decreasing on the target's tokens: chunks, longest first, each go
-into the row with the least target room left that still holds it under every tokenizer (the first
-_FIT_SCAN rows by target room are tried, then a new row opens). It depends only on the chunks and
-the tokenizers, so every rank and every resumed run builds the same rows.
+Rows hold chunks of one domain (routing and the reference policies count rows by domain). The
+plan is best-fit decreasing on the target's tokens: chunks, longest first, each go into the row
+with the least target room left among those that hold it under every tokenizer, else into a new
+row. It depends only on the chunks and the tokenizers, so every rank and every resumed run builds
+the same rows.
 
 ``data.packing: false`` (the default) keeps one chunk per row, as before packing existed.
 """
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,9 +24,6 @@ import numpy as np
 
 from fusion.data import token_counts
 
-# Open rows tried per chunk, in order of target room, before a new row opens: bounds the plan's
-# time (linear in the chunks) at a negligible cost in utilisation (the tightest fits come first).
-_FIT_SCAN = 16
 _FEATURES = datasets.Features({"texts": datasets.List(datasets.Value("string")),
                                "chunk_index": datasets.List(datasets.Value("int64")),
                                "domain": datasets.Value("string")})
@@ -111,25 +107,21 @@ def pack_chunks(chunks: datasets.Dataset, tokenizers: Sequence, max_length: int,
 
 def best_fit_decreasing(counts: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of item indices whose ``counts`` (``[n, K]``, every entry <= ``capacity``) sum to at most
-    ``capacity`` in every column; best fit on column 0, items longest first (ties: lower index first).
-    Each bin lists its items in the order they went in."""
+    ``capacity`` in every column: items longest first by column 0 (ties: lower index first), each into
+    the bin with the least room left in column 0 among those it fits in every column (ties: the older
+    bin), else into a new bin. Each bin lists its items in the order they went in."""
     order = sorted(range(len(counts)), key=lambda item: (-int(counts[item, 0]), item))
     bins: list[list[int]] = []
-    room: list[np.ndarray] = []
-    by_room: list[tuple[int, int]] = []  # (target room left, bin) of bins with room, sorted
+    room = np.empty((len(counts), counts.shape[1]), dtype=np.int64)  # per bin, room left in every column
     for item in order:
         need = counts[item]
-        first = bisect.bisect_left(by_room, (int(need[0]), -1))
-        fit = next((position for position in range(first, min(first + _FIT_SCAN, len(by_room)))
-                    if (room[by_room[position][1]] >= need).all()), None)
-        if fit is None:
-            bins.append([])
-            room.append(np.full(len(need), capacity, dtype=np.int64))
-            target = len(bins) - 1
+        fits = np.flatnonzero((room[:len(bins)] >= need).all(axis=1))
+        if fits.size:
+            target = int(fits[np.argmin(room[fits, 0])])
         else:
-            target = by_room.pop(fit)[1]
+            target = len(bins)
+            bins.append([])
+            room[target] = capacity
         bins[target].append(item)
-        room[target] = room[target] - need
-        if room[target][0] > 0:
-            bisect.insort(by_room, (int(room[target][0]), target))
+        room[target] -= need
     return bins
