@@ -1,16 +1,18 @@
-"""Packed rows: whole chunks of several documents per row, up to ``max_length`` under every tokenizer.
+"""Packed rows: whole chunks of several documents per training row, up to ``max_length`` target tokens.
 
 Every chunk already fits ``max_length`` tokens under the target's and every source's tokenizer
-(``fusion.data.chunk_documents``); a packed row is a list of chunks whose token counts
+(``fusion.data.chunk_documents``). A packed row is a list of chunks whose target token counts
 (``fusion.data.token_counts``: each chunk encoded alone, its own special tokens included) add up to
-at most ``max_length`` under each of those tokenizers, so every side that reads the row reads at
-most ``max_length`` tokens, whether it takes the documents one by one or side by side.
+at most ``max_length``. The sources never read a row as one sequence: each scores every document
+alone (``fusion.sources.base.place_segments``), and every document fits each of them, so a row
+needs to fit only the target. Holding rows to ``max_length`` under every source's tokenizer too
+would cap the target's utilisation by the least efficient tokenizer of each domain (the demo's
+code-gpt2 needs 1.67 times the target's tokens on code: at most 0.6 there; see docs/DESIGN.md).
 
 Rows hold chunks of one domain (routing and the reference policies count rows by domain). The
 plan is best-fit decreasing on the target's tokens: chunks, longest first, each go into the row
-with the least target room left among those that hold it under every tokenizer, else into a new
-row. It depends only on the chunks and the tokenizers, so every rank and every resumed run builds
-the same rows.
+with the least room left that holds it, else into a new row. It depends only on the chunks and
+the target's tokenizer, so every rank and every resumed run builds the same rows.
 
 ``data.packing: false`` (the default) keeps one chunk per row, as before packing existed.
 """
@@ -59,14 +61,14 @@ class PackReport:
                 f"{self.utilisation:.3f} ({domains})")
 
 
-def pack_chunks(chunks: datasets.Dataset, tokenizers: Sequence, max_length: int, packing: bool) -> tuple[datasets.Dataset, PackReport]:
+def pack_chunks(chunks: datasets.Dataset, target_tokenizer, max_length: int, packing: bool) -> tuple[datasets.Dataset, PackReport]:
     """Rows of whole chunks (see the module docstring); one chunk per row when ``packing`` is false.
 
     Args:
         chunks: a chunked split (columns ``text``, ``domain`` and optionally ``chunk_index``, the
             chunk's row in the whole split; without it, a chunk's row in ``chunks``).
-        tokenizers: the target's first, then every source's (``fusion.splits.run_tokenizers``).
-        max_length: tokens per row under each of them (``data.max_length``).
+        target_tokenizer: the target's tokenizer.
+        max_length: target tokens per row (``data.max_length``).
         packing: pack several chunks per row (``data.packing``).
 
     Returns:
@@ -75,21 +77,20 @@ def pack_chunks(chunks: datasets.Dataset, tokenizers: Sequence, max_length: int,
         the rows keep the chunks' order.
 
     Raises:
-        ValueError: a chunk is longer than ``max_length`` under some tokenizer (chunk with all of them).
+        ValueError: a chunk is longer than ``max_length`` (chunk the split at this max_length).
     """
     texts, domains = chunks["text"], chunks["domain"]
     index = chunks["chunk_index"] if "chunk_index" in chunks.column_names else list(range(len(chunks)))
-    # Without packing only the target's count is needed (for the report).
-    counts = token_counts(texts, tokenizers if packing else tokenizers[:1])
-    too_long = np.flatnonzero((counts > max_length).any(axis=1))
+    counts = token_counts(texts, [target_tokenizer])
+    too_long = np.flatnonzero(counts[:, 0] > max_length)
     if too_long.size:
-        raise ValueError(f"chunk {index[too_long[0]]} has {counts[too_long[0]].tolist()} tokens under the tokenizers, more than "
-                         f"max_length={max_length}; chunk the split with every tokenizer at this max_length")
+        raise ValueError(f"chunk {index[too_long[0]]} has {int(counts[too_long[0], 0])} target tokens, more than "
+                         f"max_length={max_length}; chunk the split with this max_length")
     if packing:
         plan = []
         for domain in sorted(set(domains)):
             members = [row for row, label in enumerate(domains) if label == domain]
-            plan += [[members[i] for i in packed] for packed in best_fit_decreasing(counts[members], max_length)]
+            plan += [[members[i] for i in packed] for packed in best_fit_decreasing(counts[members, 0], max_length)]
     else:
         plan = [[row] for row in range(len(texts))]
     by_domain: dict[str, list[int]] = {}
@@ -105,19 +106,19 @@ def pack_chunks(chunks: datasets.Dataset, tokenizers: Sequence, max_length: int,
     return rows, report
 
 
-def best_fit_decreasing(counts: np.ndarray, capacity: int) -> list[list[int]]:
-    """Bins of item indices whose ``counts`` (``[n, K]``, every entry <= ``capacity``) sum to at most
-    ``capacity`` in every column: items longest first by column 0 (ties: lower index first), each into
-    the bin with the least room left in column 0 among those it fits in every column (ties: the older
-    bin), else into a new bin. Each bin lists its items in the order they went in."""
-    order = sorted(range(len(counts)), key=lambda item: (-int(counts[item, 0]), item))
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of item indices whose ``lengths`` (``[n]``, each <= ``capacity``) sum to at most ``capacity``:
+    items longest first (ties: lower index first), each into the bin with the least room left among
+    those that hold it (ties: the older bin), else into a new bin. Each bin lists its items in the
+    order they went in."""
+    order = sorted(range(len(lengths)), key=lambda item: (-int(lengths[item]), item))
     bins: list[list[int]] = []
-    room = np.empty((len(counts), counts.shape[1]), dtype=np.int64)  # per bin, room left in every column
+    room = np.empty(len(lengths), dtype=np.int64)  # per bin, the room left
     for item in order:
-        need = counts[item]
-        fits = np.flatnonzero((room[:len(bins)] >= need).all(axis=1))
+        need = int(lengths[item])
+        fits = np.flatnonzero(room[:len(bins)] >= need)
         if fits.size:
-            target = int(fits[np.argmin(room[fits, 0])])
+            target = int(fits[np.argmin(room[fits])])
         else:
             target = len(bins)
             bins.append([])

@@ -95,6 +95,6 @@ def run_chunks(config: Config, tokenizers: Sequence) -> RunChunks:
     train_split, train_report = chunked_split(config, data.train_split, tokenizers)
     eval_split, eval_report = chunked_split(config, data.eval_split, tokenizers)
     train = sample(train_split.add_column("chunk_index", list(range(len(train_split)))), data.max_train_chunks, seed)
-    train_rows, packing = pack_chunks(train, tokenizers, data.max_length, data.packing)
+    train_rows, packing = pack_chunks(train, tokenizers[0], data.max_length, data.packing)
     return RunChunks(train_split, train, eval_sample(config, eval_split),
                      {data.train_split: train_report, data.eval_split: eval_report}, train_rows, packing)
