@@ -32,3 +32,4 @@ bench: assets
 	$(PY) benchmarks/alignment.py
 	$(PY) benchmarks/fused_loss.py
 	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/packing.py

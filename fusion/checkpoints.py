@@ -54,6 +54,7 @@ def run_manifest(config: Config, tokenizers: Sequence, train_chunks) -> dict:
         "fusion": {"mode": config.fusion.mode, "top_k": config.fusion.top_k, "temperature": config.fusion.temperature},
         "trainer_ranks": config.topology.trainer_ranks,
         "data_sha256": corpus_sha256(train_chunks),
+        "packing": config.data.packing,  # the same chunks in other rows: another data order
     }
 
 
@@ -78,6 +79,7 @@ def manifest_differences(saved: dict, current: dict) -> list[str]:
     for key, value in saved["fusion"].items():
         differ(f"fusion.{key}", value, current["fusion"][key])
     differ("topology.trainer_ranks", saved["trainer_ranks"], current["trainer_ranks"])
+    differ("data.packing", saved.get("packing", False), current["packing"])
     differ("training data (data.corpus, train_split, domains, max_length, max_train_chunks or the subset seed) "
            "with text hash", saved["data_sha256"][:12], current["data_sha256"][:12])
     return differences

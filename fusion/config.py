@@ -71,6 +71,10 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "validation"
     max_length: int = 128
+    # Fill each training row with whole chunks of several documents (of one domain) up to max_length
+    # under every tokenizer; labels, soft labels and attention stay within documents (fusion.packing).
+    # Off by default: the sources are then chosen per document, not per packed row.
+    packing: bool = False
     domains: tuple[str, ...] | None = None
     max_train_chunks: int | None = None
     max_eval_chunks: int | None = None

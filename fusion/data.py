@@ -283,13 +283,47 @@ def _row_bytes(value) -> bytes:
     return repr(value).encode("utf-8", errors="surrogatepass")
 
 
+@dataclass(frozen=True)
+class Segments:
+    """The documents of a batch: each is encoded alone (with its own special tokens, e.g. its BOS) and
+    placed at ``starts[i]`` in batch row ``rows[i]``, so position ``starts[i] + t`` of that row is
+    token t of ``encode_with_offsets(target_tokenizer, [texts[i]])``. N documents, in row order.
+
+    Attributes:
+        texts: N document texts (chunks).
+        rows: N batch rows.
+        starts: N first positions in their row.
+        lengths: N target tokens (special tokens included).
+        chunk_index: N rows in the chunked split (offline answers are joined on them), None where unknown.
+    """
+
+    texts: list[str]
+    rows: list[int]
+    starts: list[int]
+    lengths: list[int]
+    chunk_index: list[int | None]
+
+    def of_rows(self, rows: Sequence[int]) -> list[int]:
+        """The documents of batch rows ``rows``, in document order."""
+        wanted = set(rows)
+        return [index for index, row in enumerate(self.rows) if row in wanted]
+
+
 class TextBatchCollator:
-    """Rows ``{"text", "domain"}`` -> a right-padded target batch.
+    """Rows -> a right-padded target batch. A row is one document (``{"text", "domain"}``, a chunk) or a
+    packed row of several (``{"texts": [...], "domain"}``, see ``fusion.packing``), optionally with
+    ``chunk_index`` (an int, or a list for packed rows).
+
+    Every document is encoded alone (its own special tokens) and the row is their concatenation, so the
+    separation between documents is what every tokenizer does at the start of a text.
 
     Output of ``__call__`` for B rows, L = the longest row's token count (specials included):
         input_ids[B, L] long, attention_mask[B, L] long (1 = real token),
-        labels[B, L] long (input_ids, -100 at padding), texts: list[str], domains: list[str],
-        chunk_index: list[int | None] (the rows' ``chunk_index`` column, None where absent).
+        position_ids[B, L] long: 0, 1, ... from the start of each document (and of the padding, which
+            so forms a block of its own): the model keeps attention within documents from them,
+        labels[B, L] long: input_ids, -100 at padding and at the first position of every document, so
+            the last token of a document is never trained to predict the next document's first token,
+        segments: ``Segments``, domains: list[str].
 
     Padding uses the tokenizer's pad token, else its EOS token; a real EOS inside a row keeps its
     label, because padding is located by the attention mask, not by token id.
@@ -308,38 +342,61 @@ class TextBatchCollator:
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         """Raises:
-            ValueError: no rows, or a row tokenises longer than max_length.
-            KeyError: a row lacks "text" or "domain".
+            ValueError: no rows, a packed row without documents, or a row tokenises longer than max_length.
+            KeyError: a row lacks "text"/"texts" or "domain".
         """
         if not rows:
             raise ValueError("cannot collate an empty batch")
-        for row in rows:
-            if "text" not in row or "domain" not in row:
-                raise KeyError(f"every row needs 'text' and 'domain'; got keys {sorted(row)}")
-        texts = [row["text"] for row in rows]
+        documents = [_row_documents(row) for row in rows]
+        texts = [text for row_texts, _ in documents for text in row_texts]
         ids = self.tokenizer(texts, add_special_tokens=True, split_special_tokens=True, verbose=False)["input_ids"]
-        lengths = [len(row_ids) for row_ids in ids]
-        for index, length in enumerate(lengths):
+        segment_rows = [row for row, (row_texts, _) in enumerate(documents) for _ in row_texts]
+        lengths = [len(document_ids) for document_ids in ids]
+        row_lengths = np.bincount(segment_rows, weights=lengths, minlength=len(rows)).astype(np.int64)
+        for index, length in enumerate(row_lengths.tolist()):
             if length > self.max_length:
                 raise ValueError(
                     f"row {index} (domain {rows[index]['domain']!r}) has {length} tokens, more than max_length={self.max_length}; "
                     f"chunk the dataset with build_chunked_split(..., max_length={self.max_length}) including this tokenizer"
+                    " (and pack it with fusion.packing.pack_chunks)"
                 )
-        width = max(lengths)
+        width = int(row_lengths.max())
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row_ids in enumerate(ids):
-            input_ids[index, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            attention_mask[index, : len(row_ids)] = 1
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        starts, ends = [], np.zeros(len(rows), dtype=np.int64)
+        for row, document_ids in zip(segment_rows, ids):
+            start, end = int(ends[row]), int(ends[row]) + len(document_ids)
+            starts.append(start)
+            input_ids[row, start:end] = torch.tensor(document_ids, dtype=torch.long)
+            position_ids[row, start:end] = torch.arange(end - start)
+            labels[row, start + 1:end] = input_ids[row, start + 1:end]
+            ends[row] = end
+        for row, end in enumerate(ends.tolist()):
+            position_ids[row, end:] = torch.arange(width - end)
+        attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(ends)[:, None]).long()
+        chunk_index = [index for _, row_index in documents for index in row_index]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),
-            "texts": texts,
+            "position_ids": position_ids,
+            "labels": labels,
+            "segments": Segments(texts, segment_rows, starts, lengths, chunk_index),
             "domains": [row["domain"] for row in rows],
-            # Row numbers in the chunked split, when it carries them: offline answers are joined on them.
-            "chunk_index": [row.get("chunk_index") for row in rows],
         }
+
+
+def _row_documents(row: Mapping) -> tuple[list[str], list[int | None]]:
+    """(documents, their chunk indices) of one collator row."""
+    if "domain" not in row or ("text" not in row and "texts" not in row):
+        raise KeyError(f"every row needs 'text' (or 'texts') and 'domain'; got keys {sorted(row)}")
+    packed = "texts" in row
+    texts = list(row["texts"]) if packed else [row["text"]]
+    if not texts:
+        raise ValueError("a packed row holds no documents")
+    index = row.get("chunk_index")
+    chunk_index = [None] * len(texts) if index is None else (list(index) if packed else [index])
+    return texts, chunk_index
 
 
 def make_dataloader(
@@ -573,13 +630,23 @@ class _ChunkPlanner:
 
     def _excess(self, texts: list[str]) -> np.ndarray:
         """Tokens beyond max_length, [len(texts), num tokenizers] (0 where a text fits)."""
-        excess = np.zeros((len(texts), len(self.tokenizers)), dtype=np.int64)
-        if texts:
-            for k, tokenizer in enumerate(self.tokenizers):
-                ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, split_special_tokens=True,
-                                verbose=False)["input_ids"]
-                excess[:, k] = np.maximum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) - self.max_length, 0)
-        return excess
+        return np.maximum(token_counts(texts, self.tokenizers) - self.max_length, 0)
+
+
+def token_counts(texts: Sequence[str], tokenizers: Sequence[PreTrainedTokenizerBase]) -> np.ndarray:
+    """``[len(texts), len(tokenizers)]`` int64: the tokens of each text encoded alone under each tokenizer,
+    the special tokens it adds included and special-token strings in the text counted as text.
+
+    The count every chunk is held to (``max_length``) and the one packing adds up (``fusion.packing``):
+    each document of a packed row is encoded alone, exactly so.
+    """
+    counts = np.zeros((len(texts), len(tokenizers)), dtype=np.int64)
+    if len(texts):
+        for k, tokenizer in enumerate(tokenizers):
+            ids = tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False, split_special_tokens=True,
+                            verbose=False)["input_ids"]
+            counts[:, k] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return counts
 
 
 def window_chars(max_length: int) -> int:

@@ -162,7 +162,7 @@ def sharded_held_out(score_batch: Callable[[dict], tuple[float, int]], rows_by_d
     Args:
         score_batch: ``(summed nats, scored tokens)`` of one collated micro-batch.
         rows_by_domain: per domain, its eval rows (with ``text``).
-        collator: rows -> micro-batch (with ``texts``).
+        collator: rows -> micro-batch (with ``segments``, its documents).
         global_sum: all-reduces a tensor over the ranks.
     """
     results = {}
@@ -174,7 +174,7 @@ def sharded_held_out(score_batch: Callable[[dict], tuple[float, int]], rows_by_d
             start = index * per_step + dp_rank * micro_batch_size
             batch = collator([rows[i] for i in range(start, start + micro_batch_size)])
             nats, tokens = score_batch(batch)
-            totals += torch.tensor([nats, tokens, sum(len(text.encode("utf-8")) for text in batch["texts"])],
+            totals += torch.tensor([nats, tokens, sum(len(text.encode("utf-8")) for text in batch["segments"].texts)],
                                    dtype=torch.float64)
         nats, tokens, num_bytes = global_sum(totals).tolist()
         if tokens:

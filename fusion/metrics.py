@@ -1,6 +1,6 @@
 """One logger for the run (console lines and TensorBoard, written by the logging rank only) and the run's result.
 
-Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``eval/<domain>/*``,
+Metric names are namespaced: ``loss/*``, ``optim/*``, ``perf/*``, ``data/*``, ``eval/<domain>/*``,
 ``select/*`` and ``source/<name>/*``.
 """
 from __future__ import annotations
@@ -53,6 +53,14 @@ class RunProgress:
         """Mean loss of the first (or last) up to 5 steps; NaN when no step was trained."""
         window = self.losses[:5] if first else self.losses[-5:]
         return sum(window) / len(window) if window else float("nan")
+
+
+def data_scalars(packing) -> dict[str, float]:
+    """``data/utilisation`` (and ``data/utilisation/<domain>``): real target tokens per slot of the training
+    rows, ``packing`` being their ``fusion.packing.PackReport``. ``perf/utilisation`` is each step's own
+    (real tokens over the padded micro-batches' slots)."""
+    return {"data/utilisation": packing.utilisation,
+            **{f"data/utilisation/{domain}": value for domain, value in packing.domain_utilisation().items()}}
 
 
 def eval_scalars(evaluation: dict[str, dict]) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""The chunks a run reads: its corpus splits, chunked for every tokenizer of its config, and the
-subsets that ``data.max_train_chunks`` / ``data.max_eval_chunks`` keep.
+"""The chunks a run reads: its corpus splits, chunked for every tokenizer of its config, the
+subsets that ``data.max_train_chunks`` / ``data.max_eval_chunks`` keep, and the training rows
+(packed when ``data.packing``).
 
 The trainer, the offline precompute, ``launch/evaluate.py`` and the comparison all take their
 chunks from here, so row i of a split and the rows of a subset mean the same chunks to all of them.
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 
 from fusion.config import Config, ConfigError
 from fusion.data import DataReport, corpus_layout, load_chunked_split
+from fusion.packing import PackReport, pack_chunks
 
 
 def subset_rows(num_rows: int, limit: int | None, seed: int) -> list[int] | None:
@@ -81,13 +83,18 @@ class RunChunks:
     train: datasets.Dataset  # the data.max_train_chunks sample of it, with each row's ``chunk_index`` in the split
     eval: datasets.Dataset  # the data.max_eval_chunks sample of the eval split
     reports: dict[str, DataReport]  # split name -> what chunking did
+    train_rows: datasets.Dataset  # ``train`` as the rows the trainer reads: packed when data.packing (fusion.packing)
+    packing: PackReport  # what packing did with ``train`` (utilisation)
 
 
 def run_chunks(config: Config, tokenizers: Sequence) -> RunChunks:
-    """The training and eval chunks of a run (see :class:`RunChunks`)."""
+    """The training and eval chunks of a run (see :class:`RunChunks`). Evaluation reads one chunk per
+    row whatever ``data.packing``: its sample (``data.max_eval_chunks``, ``trainer.eval_batches``) is
+    counted in chunks, as ``launch/evaluate.py`` scores them."""
     data, seed = config.data, subset_seed(config)
     train_split, train_report = chunked_split(config, data.train_split, tokenizers)
     eval_split, eval_report = chunked_split(config, data.eval_split, tokenizers)
     train = sample(train_split.add_column("chunk_index", list(range(len(train_split)))), data.max_train_chunks, seed)
+    train_rows, packing = pack_chunks(train, tokenizers[0], data.max_length, data.packing)
     return RunChunks(train_split, train, eval_sample(config, eval_split),
-                     {data.train_split: train_report, data.eval_split: eval_report})
+                     {data.train_split: train_report, data.eval_split: eval_report}, train_rows, packing)

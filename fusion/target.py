@@ -41,9 +41,13 @@ class TrainModule(nn.Module):
         self.chunk_size = chunk_size
         self.lm_head_weight = causal_lm.get_output_embeddings().weight
 
-    def forward(self, input_ids, attention_mask, labels, soft_indices, soft_probs, soft_valid, lam,
+    def forward(self, input_ids, position_ids, labels, soft_indices, soft_probs, soft_valid, lam,
                 lm_normalizer, soft_normalizer):
-        hidden = self.causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Position ids that restart at every document (and at the padding) and no 2D mask: the model
+        # builds a block-diagonal causal mask from them (transformers' packed-sequence masks), so
+        # attention stays within documents; padding comes last and forms a block of its own. Only
+        # without a cache: with one (use_cache defaults to true) transformers ignores the restarts.
+        hidden = self.causal_lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         return fused_lm_loss(hidden, self.lm_head_weight, labels, soft_indices, soft_probs, soft_valid, lam,
                              self.chunk_size, lm_normalizer, soft_normalizer)
 
@@ -107,7 +111,7 @@ class TargetModel:
         device = self.device
         started = time.perf_counter()
         try:
-            return self.engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+            return self.engine(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device),
                                target.indices.to(device), target.probs.to(device), target.valid.to(device), lam,
                                lm_normalizer, soft_normalizer)
         finally:

@@ -31,7 +31,8 @@ from fusion.config import Config, config_text, save_config
 from fusion.data import TextBatchCollator, iterate_epochs, make_dataloader
 from fusion.finished import FINISHED, write_finished
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
-from fusion.metrics import MetricsLogger, RunProgress, TrainResult, eval_scalars
+from fusion.metrics import MetricsLogger, RunProgress, TrainResult, data_scalars, eval_scalars
+from fusion.packing import utilisation
 from fusion.policies import POLICIES, make_policy
 from fusion.routing import Routing
 from fusion.sources.base import close_and_summarise, counter_scalars, wait_scalars
@@ -79,9 +80,10 @@ class Trainer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         chunks = run_chunks(config, tokenizers)
-        self.train_data, self.eval_data = chunks.train, chunks.eval
+        self.train_data, self.eval_data, self.packing = chunks.train_rows, chunks.eval, chunks.packing
         for name, rows in ((data.train_split, chunks.train), (data.eval_split, chunks.eval)):
             self.metrics.info(f"data {name}: {len(rows)} chunks of <= {data.max_length} tokens ({chunks.reports[name]})")
+        self.metrics.info(f"data {data.train_split} rows ({'packed' if data.packing else 'one chunk each'}): {chunks.packing}")
         self.checkpoints = Checkpoints(self.checkpoint_dir, run_manifest(config, tokenizers, chunks.train), config.trainer.keep_last,
                                        topology.is_logging_rank, topology.trainer_group, topology.dp_size, self.metrics.info)
         self.collator = TextBatchCollator(self.tokenizer, data.max_length)
@@ -125,8 +127,8 @@ class Trainer:
             return empty_soft_target(*batch["input_ids"].shape)
         return fuse_soft_labels(answers, weights, self.config.fusion.temperature)
 
-    def _train_step(self, step: int, micro_batches, in_flight: deque[Dispatched]) -> tuple[float, float, float, int]:
-        """One optimizer step: ``(loss, lm loss, soft loss, target tokens)`` over every trainer rank."""
+    def _train_step(self, step: int, micro_batches, in_flight: deque[Dispatched]) -> tuple[float, float, float, int, float]:
+        """One optimizer step: ``(loss, lm loss, soft loss, target tokens, utilisation)`` over every trainer rank."""
         accumulation, max_steps = self.config.trainer.gradient_accumulation_steps, self.config.trainer.max_steps
         self.sources.agree_on_down(self.topology.trainer_group)
         # Requests for later steps go out now: disaggregated sources compute while this step trains.
@@ -137,16 +139,19 @@ class Trainer:
         batches = [entry.batch for entry in dispatched]
         targets = [self._fused_target(entry) for entry in dispatched]
         # Shifted targets: position t predicts token t+1, so the first label of a row is never a target.
+        # Real tokens and the slots holding them (what the target computes on): the step's utilisation.
         local_counts = torch.tensor([sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches),
-                                     sum(int(target.valid.sum()) for target in targets)])
-        lm_normalizer, soft_normalizer = self.topology.trainer_sum(local_counts).clamp(min=1).float().to(self.device)
+                                     sum(int(target.valid.sum()) for target in targets),
+                                     sum(int(batch["attention_mask"].sum()) for batch in batches),
+                                     sum(batch["input_ids"].numel() for batch in batches)])
+        lm_normalizer, soft_normalizer, real_tokens, slots = self.topology.trainer_sum(local_counts).clamp(min=1).float().to(self.device)
         sums = torch.zeros(2, dtype=torch.float64)
         for batch, target in zip(batches, targets):
             loss, stats = self.target.forward(batch, target, self.lam, lm_normalizer, soft_normalizer)
             self.target.backward_and_step(loss)
             sums += torch.stack([stats.lm_loss_sum.detach(), stats.soft_loss_sum.detach()]).double().cpu()
         lm_loss, soft_loss = (self.topology.trainer_sum(sums) / torch.stack([lm_normalizer, soft_normalizer]).double().cpu()).tolist()
-        return self.lam * lm_loss + (1 - self.lam) * soft_loss, lm_loss, soft_loss, int(lm_normalizer)
+        return self.lam * lm_loss + (1 - self.lam) * soft_loss, lm_loss, soft_loss, int(lm_normalizer), utilisation(int(real_tokens), int(slots))
 
     def train(self) -> TrainResult:
         trainer = self.config.trainer
@@ -162,16 +167,18 @@ class Trainer:
                                                                consumed % len(self.train_loader)))
         in_flight: deque[Dispatched] = deque()
         self.next_dispatch_step, self.started = done + 1, time.time()
+        self.metrics.scalars(done, data_scalars(self.packing))
         if done == 0:  # what the run changed is only visible against where it started (a few batches' loss is noisy)
             self.progress.eval_before = self.evaluate()
             self.metrics.scalars(0, eval_scalars(self.progress.eval_before))
         progress = tqdm(range(done + 1, trainer.max_steps + 1), desc="train", disable=not self.topology.is_logging_rank)
         for step in progress:
             step_started, waited = time.time(), [counters.waited for counters in self.sources.counters]
-            step_loss, lm_loss, soft_loss, step_tokens = self._train_step(step, micro_batches, in_flight)
+            step_loss, lm_loss, soft_loss, step_tokens, step_utilisation = self._train_step(step, micro_batches, in_flight)
             step_seconds = time.time() - step_started
             self.progress.add_step(step_loss, step_tokens, step_seconds)
             perf = {"perf/step_s": step_seconds, "perf/tokens_per_s": step_tokens / step_seconds, **self.target.timings(),
+                    "perf/utilisation": step_utilisation,
                     **wait_scalars(self.sources, waited, step_seconds)}
             progress.set_postfix(loss=f"{step_loss:.3f}")
             if step % trainer.log_every == 0 or step == trainer.max_steps:

@@ -151,8 +151,11 @@ def test_manifest_differences_name_each_setting():
     saved = {"target": {"path": "t", "tokenizer_sha256": "T"},
              "sources": [{"name": "a", "path": "pa", "tokenizer_sha256": "A"}, {"name": "b", "path": "pb", "tokenizer_sha256": "B"}],
              "vocab_map_version": 1, "fusion": {"mode": "predictive", "top_k": 10, "temperature": 1.0}, "trainer_ranks": 2,
-             "data_sha256": "0123456789abcdef"}
+             "data_sha256": "0123456789abcdef", "packing": False}
     assert manifest_differences(saved, saved) == []
+    # A checkpoint from before data.packing existed trained on one chunk per row.
+    assert manifest_differences({key: value for key, value in saved.items() if key != "packing"}, saved) == []
+    assert manifest_differences(saved, {**saved, "packing": True}) == ["data.packing False, this run has True"]
     current = {**saved, "sources": [saved["sources"][0], {"name": "b", "path": "elsewhere", "tokenizer_sha256": "C"}],
                "fusion": {**saved["fusion"], "top_k": 5}, "data_sha256": "fedcba9876543210"}
     assert manifest_differences(saved, current) == [

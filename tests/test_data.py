@@ -358,9 +358,12 @@ def test_collator_matches_hand_built_batch():
     batch = TextBatchCollator(tokenizer, max_length=5)([{"text": "a b c", "domain": "x"}, {"text": "b", "domain": "y"}, {"text": "c a", "domain": "z"}])
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 3, 4, 5], [1, 4, 2, 2], [1, 5, 3, 2]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]))
-    assert torch.equal(batch["labels"], torch.tensor([[1, 3, 4, 5], [1, 4, -100, -100], [1, 5, 3, -100]]))
+    # The first position of a document is never a target (nothing before it in the document predicts it).
+    assert torch.equal(batch["labels"], torch.tensor([[-100, 3, 4, 5], [-100, 4, -100, -100], [-100, 5, 3, -100]]))
+    assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1], [0, 1, 2, 0]]))
     assert batch["input_ids"].dtype == torch.long and batch["labels"].dtype == torch.long
-    assert batch["texts"] == ["a b c", "b", "c a"] and batch["domains"] == ["x", "y", "z"]
+    assert batch["segments"].texts == ["a b c", "b", "c a"] and batch["domains"] == ["x", "y", "z"]
+    assert (batch["segments"].rows, batch["segments"].starts, batch["segments"].lengths) == ([0, 1, 2], [0, 0, 0], [4, 2, 3])
 
 
 def test_collator_pads_with_eos_and_keeps_real_eos_labels():
@@ -368,7 +371,7 @@ def test_collator_pads_with_eos_and_keeps_real_eos_labels():
     # ids: <unk> 0, </s> 1, a 2, b 3
     batch = TextBatchCollator(tokenizer, max_length=7)([{"text": "a", "domain": ""}, {"text": "a b a", "domain": ""}])
     assert torch.equal(batch["input_ids"], torch.tensor([[2, 1, 1, 1], [2, 3, 2, 1]]))
-    assert torch.equal(batch["labels"], torch.tensor([[2, 1, -100, -100], [2, 3, 2, 1]]))
+    assert torch.equal(batch["labels"], torch.tensor([[-100, 1, -100, -100], [-100, 3, 2, 1]]))
 
 
 def test_collator_errors():
@@ -379,6 +382,10 @@ def test_collator_errors():
     collator = TextBatchCollator(tokenizer, 4)
     with pytest.raises(ValueError, match=r"row 1 .* 5 tokens, more than max_length=4"):
         collator([{"text": "a", "domain": ""}, {"text": "a a a a a", "domain": ""}])
+    with pytest.raises(ValueError, match=r"row 0 .* 6 tokens, more than max_length=4"):
+        collator([{"texts": ["a a a", "a a a"], "domain": ""}])
+    with pytest.raises(ValueError, match="no documents"):
+        collator([{"texts": [], "domain": ""}])
     with pytest.raises(KeyError, match="'domain'"):
         collator([{"text": "a"}])
     with pytest.raises(ValueError, match="empty batch"):
@@ -390,7 +397,7 @@ def _numbered(n: int) -> datasets.Dataset:
 
 
 def _seen(loader) -> list[str]:
-    return [text for batch in loader for text in batch["texts"]]
+    return [text for batch in loader for text in batch["segments"].texts]
 
 
 @pytest.mark.parametrize("dp_size", [2, 3])
@@ -405,8 +412,8 @@ def test_ranks_see_disjoint_shares_that_cover_the_data(dp_size):
     # Each epoch reorders, identically on every rank, and still partitions the data.
     loaders = [make_dataloader(data, collator, batch_size=5, dp_rank=rank, dp_size=dp_size, seed=11) for rank in range(dp_size)]
     epochs = [[batch for _, batch in itertools.islice(iterate_epochs(loader), 2 * len(loader))] for loader in loaders]
-    first = [[t for b in run[: len(loaders[0])] for t in b["texts"]] for run in epochs]
-    second = [[t for b in run[len(loaders[0]) :] for t in b["texts"]] for run in epochs]
+    first = [[t for b in run[: len(loaders[0])] for t in b["segments"].texts] for run in epochs]
+    second = [[t for b in run[len(loaders[0]) :] for t in b["segments"].texts] for run in epochs]
     assert sorted(sum(second, [])) == sorted(data["text"])
     assert first != second
     assert first == shares
@@ -420,8 +427,8 @@ def test_drop_last_leaves_out_the_remainder_and_resume_skips():
     assert len(shares[0]) == len(shares[1]) == 10  # 11 per rank, then the incomplete last batch dropped
     assert not set(shares[0]) & set(shares[1])
     loader = make_dataloader(data, collator, batch_size=2, dp_rank=0, dp_size=2, seed=5)
-    full = [batch["texts"] for _, batch in itertools.islice(iterate_epochs(loader, start_epoch=3), 7)]
-    resumed = [batch["texts"] for _, batch in itertools.islice(iterate_epochs(loader, start_epoch=3, skip_batches=2), 5)]
+    full = [batch["segments"].texts for _, batch in itertools.islice(iterate_epochs(loader, start_epoch=3), 7)]
+    resumed = [batch["segments"].texts for _, batch in itertools.islice(iterate_epochs(loader, start_epoch=3, skip_batches=2), 5)]
     assert resumed == full[2:]
     with pytest.raises(ValueError, match="dp_rank=2"):
         make_dataloader(data, collator, batch_size=2, dp_rank=2, dp_size=2, seed=5)

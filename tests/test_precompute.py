@@ -19,7 +19,7 @@ import yaml
 from transformers import AutoTokenizer
 from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
 
-from fusion.data import build_chunked_split
+from fusion.data import TextBatchCollator, build_chunked_split
 from fusion.precompute import precompute
 from fusion.sources.loading import load_causal_lm
 from fusion.sources.store import MANIFEST, load_answers, read_manifest, shard_ranges
@@ -308,14 +308,68 @@ def test_max_train_chunks_subset_is_read_by_chunk_index(workspace):
     offline = OfflineSources(specs, out, workspace["target"], TOP_K, 1.0, corpus)
     reference = load_answers(root / "reference" / name).with_format("arrow")
     rows = [kept[3], kept[0]]
-    batch = {"chunk_index": rows, "input_ids": torch.zeros(2, MAX_LENGTH, dtype=torch.long),
-             "attention_mask": torch.ones(2, MAX_LENGTH, dtype=torch.long)}
+    collate = TextBatchCollator(workspace["target"], MAX_LENGTH)
+    batch = collate([{**corpus[row], "chunk_index": row} for row in rows])
     chosen = torch.ones(2, 1, dtype=torch.bool)
     answers, arrived = offline.collect(offline.request(batch, chosen, step=1))
     answer = answers[0]
     assert torch.equal(arrived, chosen)
-    expected = from_arrow(pa.concat_tables([reference[r : r + 1] for r in rows]), MAX_LENGTH, torch.float32)
+    expected = from_arrow(pa.concat_tables([reference[r : r + 1] for r in rows]), batch["input_ids"].shape[1], torch.float32)
     assert torch.equal(answer.indices, expected.indices) and torch.equal(answer.valid, expected.valid)
     missing = next(row for row in range(len(corpus)) if row not in kept)
     with pytest.raises(ConfigError, match=f"lack chunk {missing}"):
-        offline.collect(offline.request({**batch, "chunk_index": [missing, rows[0]]}, chosen, step=1))
+        offline.collect(offline.request(collate([{**corpus[row], "chunk_index": row} for row in (missing, rows[0])]), chosen, step=1))
+
+
+def test_packed_rows_read_their_chunks_answers_live_and_offline(workspace):
+    """A packed row's answer is each of its chunks' answers (scored alone) at the chunk's positions in the
+    row, nothing at a chunk's last position, and the rows' NLLs the byte-weighted means of their chunks':
+    the same from offline answers and from colocated sources."""
+    from fusion.config import SourceConfig
+    from fusion.sources.pool import ColocatedSources, OfflineSources
+
+    corpus, target = workspace["corpus"], workspace["target"]
+    lengths = [len(target(text, split_special_tokens=True)["input_ids"]) for text in corpus["text"]]
+    # Two rows: three short chunks packed together, and one chunk alone.
+    order = sorted(range(len(corpus)), key=lambda row: lengths[row])
+    packed = []
+    for row in order:
+        if sum(lengths[r] for r in packed) + lengths[row] <= MAX_LENGTH and len(packed) < 3:
+            packed.append(row)
+    assert len(packed) >= 2
+    alone = order[-1]
+    batch = TextBatchCollator(target, MAX_LENGTH)([
+        {"texts": [corpus[row]["text"] for row in packed], "chunk_index": packed, "domain": "d"},
+        {**corpus[alone], "chunk_index": alone}])
+    chosen = torch.ones(2, len(workspace["sources"]), dtype=torch.bool)
+    specs = [SourceConfig(name=name, path=path) for name, path in workspace["sources"]]
+    offline = OfflineSources(specs, workspace["root"] / "reference", target, TOP_K, 1.0, corpus)
+    live = ColocatedSources(specs, target, TOP_K, 1.0, MAX_LENGTH, workspace["root"] / "cache", torch.device("cpu"))
+    offline_answers, arrived = offline.collect(offline.request(batch, chosen, step=1))
+    live_answers, live_arrived = live.collect(live.request(batch, chosen, step=1))
+    assert arrived.all() and live_arrived.all()
+    width = batch["input_ids"].shape[1]
+    for (name, _), from_disk, from_models in zip(workspace["sources"], offline_answers, live_answers):
+        stored = load_answers(workspace["root"] / "reference" / name).with_format("arrow")
+        # Brute force: lay each chunk's stored answer out at its place in its row.
+        expected = SparseSoftLabels.empty(2, width, TOP_K, torch.float32)
+        for row, members in ((0, packed), (1, [alone])):
+            start, nats, total_bytes = 0, torch.zeros(2, dtype=torch.float64), 0
+            for chunk in members:
+                own = from_arrow(stored[chunk : chunk + 1], None, torch.float32)
+                n = lengths[chunk]
+                assert not own.valid[0, n - 1:].any()  # a chunk's last position predicts nothing inside it
+                expected.indices[row, start:start + n] = own.indices[0, :n]
+                expected.logprobs[row, start:start + n] = own.logprobs[0, :n]
+                expected.valid[row, start:start + n] = own.valid[0, :n]
+                size = len(corpus[chunk]["text"].encode("utf-8"))
+                nats += size * torch.tensor([own.nll_per_token[0].item(), own.nll_per_byte[0].item()], dtype=torch.float64)
+                start, total_bytes = start + n, total_bytes + size
+            expected.nll_per_token[row], expected.nll_per_byte[row] = (nats / total_bytes).float()
+        assert torch.equal(from_disk.indices, expected.indices) and torch.equal(from_disk.valid, expected.valid)
+        assert torch.equal(from_disk.logprobs, expected.logprobs)
+        torch.testing.assert_close(from_disk.nll_per_byte, expected.nll_per_byte)
+        torch.testing.assert_close(from_disk.nll_per_token, expected.nll_per_token)
+        assert torch.equal(from_models.indices, expected.indices) and torch.equal(from_models.valid, expected.valid)
+        torch.testing.assert_close(from_models.logprobs, expected.logprobs, atol=2e-3, rtol=0)
+        torch.testing.assert_close(from_models.nll_per_byte, from_disk.nll_per_byte)

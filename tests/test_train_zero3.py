@@ -22,13 +22,14 @@ pytestmark = pytest.mark.distributed
 
 
 def write_config(tmp_path: Path, name: str, ranks: int, target: Path, corpus: Path, fusion: dict | None = None,
-                 sources: list | None = None, selector: dict | None = None, topology: dict | None = None, **trainer) -> Path:
+                 sources: list | None = None, selector: dict | None = None, topology: dict | None = None,
+                 packing: bool = False, **trainer) -> Path:
     """A run config in ``tmp_path/<name>.yaml`` writing to ``tmp_path/<name>``, one thread per rank."""
     config = {
         "target": str(target),
         "run": {"output_dir": str(tmp_path / name), "seed": 7, "cache_dir": str(tmp_path / "cache")},
         "topology": {"placement": "colocated", "trainer_ranks": ranks, **(topology or {})},
-        "data": {"corpus": str(corpus), "max_length": 48},
+        "data": {"corpus": str(corpus), "max_length": 48, "packing": packing},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "num_threads": 1, "log_every": 1,
                     "eval_batches": 2, "loss_chunk_size": 37, **trainer},
         "fusion": {"mode": "none", **(fusion or {})},
@@ -119,24 +120,29 @@ def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, t
     assert (output_dir / "selector.pt").is_file()
 
 
-def test_offline_answers_train_like_live_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
-    """Answers written by launch/precompute.py give the same step losses as running the sources live."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_offline_answers_train_like_live_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus, packing):
+    """Answers written by launch/precompute.py give the same step losses as running the sources live,
+    on packed rows too (the answers are stored per chunk and placed in the rows)."""
     sources = [{"name": path.name, "path": str(path)} for path in tiny_sources]
     fusion = {"mode": "all_uniform", "lam": 0.5, "answers_dir": str(tmp_path / "answers")}
     steps = {"micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "eval_batches": 1}
-    _, live = launch(tmp_path, "live", 1, tiny_target, tiny_corpus, sources=sources, fusion=fusion, **steps)
+    _, live = launch(tmp_path, "live", 1, tiny_target, tiny_corpus, sources=sources, fusion=fusion, packing=packing, **steps)
     config = tmp_path / "live.yaml"
     result = subprocess.run([sys.executable, str(ROOT / "launch/precompute.py"), "--config", str(config), "--no-progress",
                              "--shard-size", "64"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     _, offline = launch(tmp_path, "offline", 1, tiny_target, tiny_corpus, sources=sources,
-                        fusion={**fusion, "offline": True}, **steps)
+                        fusion={**fusion, "offline": True}, packing=packing, **steps)
     live_result, offline_result = (json.loads((run / "result.json").read_text()) for run in (live, offline))
     # Stored log-probs are fp16: the soft term agrees to about 1e-3.
     assert offline_result["first_loss"] == pytest.approx(live_result["first_loss"], rel=2e-3)
     assert offline_result["final_loss"] == pytest.approx(live_result["final_loss"], rel=2e-3)
     for name in ("bpe", "wordpiece"):
-        assert offline_result["sources"][name]["sequences"] == live_result["sources"][name]["sequences"] == 3 * 4
+        # Sources score documents: 3 steps of 4 rows, of one document each, or of several when packed.
+        documents = offline_result["sources"][name]["sequences"]
+        assert documents == live_result["sources"][name]["sequences"]
+        assert documents > 3 * 4 if packing else documents == 3 * 4
 
 
 @pytest.mark.parametrize("mode", ["scores", "min_ce", "avg_ce"])
@@ -171,9 +177,10 @@ def kill_at_first_checkpoint_then_resume(config: Path, world_size: int, output_d
     assert "resumed from" in result.stdout + result.stderr
 
 
-def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_target, tiny_corpus):
+@pytest.mark.parametrize("packing", [False, True])
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_target, tiny_corpus, packing):
     steps = {"micro_batch_size": 2, "max_steps": 30, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1}
-    _, uninterrupted = launch(tmp_path, "uninterrupted", 2, tiny_target, tiny_corpus, **steps)
+    _, uninterrupted = launch(tmp_path, "uninterrupted", 2, tiny_target, tiny_corpus, packing=packing, **steps)
 
     output_dir = tmp_path / "resumed"
     config = yaml.safe_load((tmp_path / "uninterrupted.yaml").read_text())

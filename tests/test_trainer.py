@@ -39,12 +39,13 @@ print("RESULT " + json.dumps({"sources": result.sources, "eval": result.eval, "e
 """
 
 
-def test_trainer_runs_in_one_process_and_its_eval_matches_launch_evaluate(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+@pytest.mark.parametrize("packing", [False, True])
+def test_trainer_runs_in_one_process_and_its_eval_matches_launch_evaluate(tmp_path, tiny_target, tiny_sources, tiny_corpus, packing):
     config = {
         "target": str(tiny_target),
         "run": {"output_dir": str(tmp_path / "run"), "seed": 3, "cache_dir": str(tmp_path / "cache")},
         "sources": [{"name": path.name, "path": str(path), "batch_size": 3} for path in tiny_sources],
-        "data": {"corpus": str(tiny_corpus), "max_length": 48},
+        "data": {"corpus": str(tiny_corpus), "max_length": 48, "packing": packing},
         "trainer": {"deepspeed_config": str(ROOT / "ds_configs/zero3.json"), "micro_batch_size": 4, "max_steps": 4,
                     "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2, "loss_chunk_size": 37, "log_every": 1,
                     "num_threads": 1},

@@ -19,9 +19,6 @@ import torch
 
 from fusion.sources.answer import SparseSoftLabels
 
-ANSWER_FIELDS = ("indices", "logprobs", "valid", "nll_per_token", "nll_per_byte")
-
-
 @dataclass
 class SourceCounters:
     """What one source did so far for this rank.
@@ -68,25 +65,63 @@ class Sources(Protocol):
         """Release the sources; returns what remote sources report they served, by name."""
 
 
-def put_rows(full: SparseSoftLabels, rows: list[int], part: SparseSoftLabels) -> None:
-    """Write ``part`` (answers of ``rows``) into ``full``, the micro-batch's answer of one source."""
-    index = torch.tensor(rows)
-    for name in ANSWER_FIELDS:
-        getattr(full, name)[index] = getattr(part, name)
+def place_segments(segments, pieces: list[tuple[list[int], SparseSoftLabels]], batch_size: int, length: int,
+                   top_k: int) -> tuple[SparseSoftLabels, torch.Tensor]:
+    """One source's answer for a micro-batch from its answers for some of the micro-batch's documents.
+
+    The documents of a row were scored alone (a source never conditions on the document before), so
+    document i's position t lands at position ``segments.starts[i] + t`` of row ``segments.rows[i]``.
+    A document's last position predicts nothing inside it and stays invalid, so no soft label crosses a
+    document boundary. A row's NLLs are the means of its documents', weighted by their UTF-8 bytes
+    (documents whose NLL is NaN left out); a row of one document keeps its document's exactly.
+
+    Args:
+        segments: the micro-batch's ``fusion.data.Segments``.
+        pieces: ``(documents, answer)`` pairs: ``answer`` ``[len(documents), L', k]`` holds the answers of
+            those documents (indices into ``segments``), each at its own positions 0...
+        batch_size, length: the micro-batch's ``[B, L]``; top_k: k.
+
+    Returns:
+        (the ``[B, L, k]`` answer with float32 log-probs, ``[B]`` bool: the rows all of whose documents
+        were answered; the other rows stay unanswered).
+    """
+    full = SparseSoftLabels.empty(batch_size, length, top_k, torch.float32)
+    given = {index: (part, slot) for documents, part in pieces for slot, index in enumerate(documents)}
+    by_row: dict[int, list[int]] = {}
+    for index, row in enumerate(segments.rows):
+        by_row.setdefault(row, []).append(index)
+    arrived = torch.zeros(batch_size, dtype=torch.bool)
+    for row, members in by_row.items():
+        if not all(index in given for index in members):
+            continue
+        arrived[row] = True
+        weights, sums = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        for index in members:
+            (part, slot), start, count = given[index], segments.starts[index], segments.lengths[index]
+            full.indices[row, start:start + count] = part.indices[slot, :count]
+            full.logprobs[row, start:start + count] = part.logprobs[slot, :count].float()
+            full.valid[row, start:start + count] = part.valid[slot, :count]
+            nll = torch.stack([part.nll_per_token[slot], part.nll_per_byte[slot]]).double()
+            size = float(len(segments.texts[index].encode("utf-8")))
+            weights += torch.where(nll.isnan(), 0.0, size)
+            sums += torch.where(nll.isnan(), 0.0, nll * size)
+        full.nll_per_token[row], full.nll_per_byte[row] = torch.where(weights > 0, sums / weights.clamp(min=1), float("nan")).float()
+    return full, arrived
 
 
 class InProcessSources:
     """Sources that answer inside this process: nothing overlaps, so the work happens at ``collect``.
 
     Subclasses set ``names``, ``batch_sizes``, ``top_k`` and ``counters`` and implement
-    ``_fetch(source, batch, rows)``, the answers of ``rows`` of ``batch`` from one source.
+    ``_fetch(source, segments, documents)``, one source's answers for the documents ``documents`` of a
+    micro-batch's ``fusion.data.Segments``, each at its own positions (``place_segments`` places them).
     """
 
     names: list[str]
     batch_sizes: list[int]
     top_k: int
     counters: list[SourceCounters]
-    _fetch: Callable[[int, dict, list[int]], SparseSoftLabels]
+    _fetch: Callable[[int, object, list[int]], SparseSoftLabels]
 
     @property
     def down_reasons(self) -> list[dict[str, str]]:
@@ -110,27 +145,27 @@ class InProcessSources:
         return batch, chosen
 
     def collect(self, ticket: tuple[dict, torch.Tensor]) -> tuple[list[SparseSoftLabels], torch.Tensor]:
-        """Fetch the chosen rows of each source in ``batch_size`` pieces and assemble full answers."""
+        """Fetch the documents of each source's chosen rows in ``batch_size`` pieces and place them in full answers."""
         batch, chosen = ticket
         batch_size, length = batch["input_ids"].shape
-        row_tokens = batch["attention_mask"].sum(1)
+        segments = batch["segments"]
         answers = []
         for source, piece_size in enumerate(self.batch_sizes):
-            full = SparseSoftLabels.empty(batch_size, length, self.top_k, torch.float32)
-            rows = chosen[:, source].nonzero().flatten().tolist()
-            for start in range(0, len(rows), piece_size):
-                part_rows = rows[start:start + piece_size]
+            documents = segments.of_rows(chosen[:, source].nonzero().flatten().tolist())
+            pieces = []
+            for start in range(0, len(documents), piece_size):
+                piece = documents[start:start + piece_size]
                 started = time.perf_counter()
-                part = self._fetch(source, batch, part_rows)
+                pieces.append((piece, self._fetch(source, segments, piece)))
                 elapsed = time.perf_counter() - started
                 counters = self.counters[source]
                 counters.seconds += elapsed
                 counters.waited += elapsed
                 counters.requests += 1
-                counters.sequences += len(part_rows)
-                counters.tokens += int(row_tokens[part_rows].sum())
-                put_rows(full, part_rows, part)
-            answers.append(full)
+                counters.sequences += len(piece)
+                counters.tokens += sum(segments.lengths[index] for index in piece)
+            answer, _ = place_segments(segments, pieces, batch_size, length, self.top_k)
+            answers.append(answer)
         return answers, chosen
 
 

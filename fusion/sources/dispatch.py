@@ -4,7 +4,8 @@
 for the reply at once, so the sources compute while the trainer trains on earlier batches;
 ``collect`` waits (with a deadline) for the replies. It implements ``fusion.sources.base.Sources``:
 per source, the answer for the whole batch (rows not answered stay invalid) and an ``[B, S]`` mask
-of the rows that did get an answer; a source that times out, fails or dies is marked down and its
+of the rows that did get an answer. A source gets every document of a row alone (packed rows hold
+several: ``fusion.data.Segments``) and its answers are placed in the rows here; a source that times out, fails or dies is marked down and its
 rows are simply not answered.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from fusion.config import SourceConfig
 from fusion.sources.answer import SparseSoftLabels
-from fusion.sources.base import SourceCounters, put_rows
+from fusion.sources.base import SourceCounters, place_segments
 from fusion.sources.wire import (HEADER_SIZE, TO_SOURCE_TAG, TO_TRAINER_TAG, Channel, Header, Kind, PeerLost,
                                  encode_texts)
 from fusion.topology import Topology
@@ -76,7 +77,7 @@ class _InFlight:
 
     source: int
     replica: int
-    rows: list[int]
+    documents: list[int]  # the micro-batch's documents sent (indices into its ``Segments``)
     step: int
     request_id: int
     job: _Job
@@ -179,36 +180,37 @@ class EngineSources:
 
     # --------------------------------------------------------------------------------------------
     def request(self, batch: dict, chosen: torch.Tensor, step: int) -> tuple[dict, list[_InFlight]]:
-        """Send the chosen rows to each chosen source (in ``batch_size`` pieces); post the replies' buffers."""
-        texts, length = batch["texts"], batch["input_ids"].shape[1]
-        row_tokens = batch["attention_mask"].sum(1)
+        """Send the documents of the chosen rows to each chosen source (in ``batch_size`` pieces, each
+        document alone); post the replies' buffers."""
+        segments = batch["segments"]
         in_flight = []
         for source, batch_size in enumerate(self.batch_sizes):
-            rows = chosen[:, source].nonzero().flatten().tolist()
-            for start in range(0, len(rows), batch_size):
-                part = rows[start:start + batch_size]
+            documents = segments.of_rows(chosen[:, source].nonzero().flatten().tolist())
+            for start in range(0, len(documents), batch_size):
+                piece = documents[start:start + batch_size]
                 replica = self._pick_replica(source)
                 if replica is None:
                     break
-                sent = self._send(source, replica, part, [texts[row] for row in part], length, step)
+                length = max(segments.lengths[index] for index in piece)
+                sent = self._send(source, replica, piece, [segments.texts[index] for index in piece], length, step)
                 if sent is not None:
                     in_flight.append(sent)
                     counters = self.counters[source]
                     counters.requests += 1
-                    counters.sequences += len(part)
-                    counters.tokens += int(row_tokens[part].sum())
+                    counters.sequences += len(piece)
+                    counters.tokens += sum(segments.lengths[index] for index in piece)
         return batch, in_flight
 
-    def _send(self, source: int, replica: int, rows: list[int], texts: list[str], length: int, step: int) -> _InFlight | None:
+    def _send(self, source: int, replica: int, documents: list[int], texts: list[str], length: int, step: int) -> _InFlight | None:
         link = self.links[source][replica]
         request_id = self.next_request_id
         self.next_request_id += 1
         lengths, data = encode_texts(texts)
-        header = Header(Kind.REQUEST, step, request_id, len(rows), length, data.numel())
-        answer = SparseSoftLabels.empty(len(rows), length, self.top_k, torch.float32)
+        header = Header(Kind.REQUEST, step, request_id, len(documents), length, data.numel())
+        answer = SparseSoftLabels.empty(len(documents), length, self.top_k, torch.float32)
         reply_header = torch.empty(HEADER_SIZE, dtype=torch.int64)
-        valid = torch.empty(len(rows), length, dtype=torch.uint8)
-        nll = torch.empty(2, len(rows), dtype=torch.float32)
+        valid = torch.empty(len(documents), length, dtype=torch.uint8)
+        nll = torch.empty(2, len(documents), dtype=torch.float32)
         try:
             # Receives are posted first: the leader's reply never waits for this rank to be ready for it.
             works = [self.channel.post_recv(link.leader, tensor) for tensor in (reply_header, answer.indices, answer.logprobs, valid, nll)]
@@ -222,20 +224,20 @@ class EngineSources:
                 self.channel.wait(work, link.leader)
 
         self.outstanding[source][replica] += 1
-        return _InFlight(source, replica, rows, step, request_id, link.submit(wait_for_reply), reply_header, answer, valid, nll)
+        return _InFlight(source, replica, documents, step, request_id, link.submit(wait_for_reply), reply_header, answer, valid, nll)
 
     def collect(self, ticket: tuple[dict, list[_InFlight]]) -> tuple[list[SparseSoftLabels], torch.Tensor]:
-        """Wait for the replies of ``ticket``; rows of failed or down sources come back unanswered."""
+        """Wait for the replies of ``ticket``; rows with a document of a failed or down source come back unanswered."""
         batch, in_flight = ticket
         batch_size, length = batch["input_ids"].shape
-        answers = [SparseSoftLabels.empty(batch_size, length, self.top_k, torch.float32) for _ in self.names]
-        arrived = torch.zeros(batch_size, len(self.names), dtype=torch.bool)
+        pieces = [[] for _ in self.names]
         for sent in in_flight:
             reply = self._reply(sent)
-            if reply is None:
-                continue
-            put_rows(answers[sent.source], sent.rows, reply)
-            arrived[torch.tensor(sent.rows), sent.source] = True
+            if reply is not None:
+                pieces[sent.source].append((sent.documents, reply))
+        placed = [place_segments(batch["segments"], source_pieces, batch_size, length, self.top_k) for source_pieces in pieces]
+        answers = [answer for answer, _ in placed]
+        arrived = torch.stack([rows for _, rows in placed], dim=1) if placed else torch.zeros(batch_size, 0, dtype=torch.bool)
         return answers, arrived
 
     def _reply(self, sent: _InFlight) -> SparseSoftLabels | None:

@@ -50,10 +50,10 @@ class ColocatedSources(InProcessSources):
             counters.coverage = scorer.vocab_map.coverage()
             self.scorers.append(scorer)
 
-    def _fetch(self, source: int, batch: dict, rows: list[int]) -> SparseSoftLabels:
-        texts = [batch["texts"][row] for row in rows]
+    def _fetch(self, source: int, segments, documents: list[int]) -> SparseSoftLabels:
+        texts = [segments.texts[index] for index in documents]
         _, target_offsets, _ = encode_with_offsets(self.target_tokenizer, texts, self.max_length)
-        return self.scorers[source].score(texts, target_offsets, batch["input_ids"].shape[1])
+        return self.scorers[source].score(texts, target_offsets)
 
 
 class OfflineSources(InProcessSources):
@@ -62,7 +62,8 @@ class OfflineSources(InProcessSources):
     Only the rows chosen for a source are read, so a mode uses no answer it did not ask for.
     The manifest must match this run: the same target tokenizer, top-k, temperature and the
     same chunked training split (by content hash). A precompute may cover a subset of the split
-    (``data.max_train_chunks``); rows are found through their stored ``chunk_index``.
+    (``data.max_train_chunks``); rows are found through their stored ``chunk_index``. Answers are
+    stored per chunk, so packed rows read the answers of their chunks, placed like live ones.
 
     Raises:
         ConfigError: answers are missing for a source, were made with other settings, or (when
@@ -96,12 +97,12 @@ class OfflineSources(InProcessSources):
             self.tables.append(answers.with_format("arrow"))
             self.rows_by_chunk.append({chunk: row for row, chunk in enumerate(answers["chunk_index"])})
 
-    def _fetch(self, source: int, batch: dict, rows: list[int]) -> SparseSoftLabels:
-        chunk_index = batch["chunk_index"]
+    def _fetch(self, source: int, segments, documents: list[int]) -> SparseSoftLabels:
+        chunk_index = segments.chunk_index
         try:
-            stored = [self.rows_by_chunk[source][int(chunk_index[row])] for row in rows]
+            stored = [self.rows_by_chunk[source][int(chunk_index[index])] for index in documents]
         except KeyError as error:
             raise ConfigError(f"fusion.answers_dir: the answers of {self.names[source]!r} lack chunk {error.args[0]} of the "
                               "training split; precompute with this run's data.max_train_chunks and data.subset_seed "
                               "(or run.seed)") from None
-        return from_arrow(self.tables[source][stored], batch["input_ids"].shape[1], torch.float32)
+        return from_arrow(self.tables[source][stored], None, torch.float32)
