@@ -112,7 +112,7 @@ class TargetModel:
         causal_lm = load_causal_lm(config.target, trainer.precision, trainer.attention).train()
         if trainer.activation_checkpointing:
             # Non-reentrant checkpointing: the one that works with ZeRO-3's parameter hooks.
-            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.chunk_size = loss_chunk_size(trainer, causal_lm)
         module = TrainModule(causal_lm, self.chunk_size)
         deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
