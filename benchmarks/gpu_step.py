@@ -360,14 +360,15 @@ def measure(args, trainer, device, Dispatched, iterate_epochs) -> dict:
                 Path("/proc/self/clear_refs").write_text("5")  # resident high-water mark := now
         synchronize()
         step_started = time.perf_counter()
-        trainer._train_step(step, stream, in_flight)
+        loss, lm_loss, soft_loss, _ = trainer._train_step(step, stream, in_flight)
         synchronize()
         seconds = time.perf_counter() - step_started
         batch = seen[-1]
         if step <= args.warmup:
             continue
         steps.append({
-            "seconds": seconds, "target_tokens": int(batch["attention_mask"].sum()),
+            "seconds": seconds, "loss": loss, "lm_loss": lm_loss, "soft_loss": soft_loss,
+            "target_tokens": int(batch["attention_mask"].sum()),
             "slots": int(batch["attention_mask"].numel()),
             "sources": {name: {"waited_s": c.waited - w, "compute_s": c.seconds - s, "target_tokens": c.tokens - t}
                         for name, c, (w, s, t) in zip(names, counters, before)},
