@@ -120,6 +120,8 @@ def parse_args() -> argparse.Namespace:
                    help="target precision and source dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attention", choices=("sdpa", "flash_attention_2", "eager"), default="sdpa")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--deepspeed-config", default=str(REPO_ROOT / "ds_configs/zero3.json"),
+                   help="trainer.deepspeed_config (ds_configs/zero3_offload.json: parameters and optimizer on CPU)")
     p.add_argument("--packing", action="store_true", help="data.packing: true (needs the packing branch)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default torch's)")
     p.add_argument("--corpus", default=str(REPO_ROOT / "assets/corpus"),
@@ -190,7 +192,7 @@ def run_config(args, work: Path, target: Path, sources: list[tuple[str, Path]], 
         "sources": [{"name": name, "path": str(path), "dtype": precision, "attention": args.attention,
                      "batch_size": args.micro_batch} for name, path in sources],
         "data": data,
-        "trainer": {"deepspeed_config": str(REPO_ROOT / "ds_configs/zero3.json"), "micro_batch_size": args.micro_batch,
+        "trainer": {"deepspeed_config": args.deepspeed_config, "micro_batch_size": args.micro_batch,
                     "max_steps": args.warmup + args.steps + 3 * args.repeats + 1, "lr": 1e-5, "warmup_steps": 1,
                     "precision": precision, "attention": args.attention,
                     "activation_checkpointing": args.activation_checkpointing, "loss_chunk_size": "auto",
@@ -313,6 +315,7 @@ def main(args: argparse.Namespace) -> dict:
     return {
         "device": device_name, "device_peak_bf16_tflops": peak, "toy": args.toy, "precision": precision,
         "attention": args.attention, "activation_checkpointing": args.activation_checkpointing,
+        "deepspeed_config": Path(args.deepspeed_config).name,
         "packing": args.packing, "rows": "packed documents" if args.packing else "full-length chunks of concatenated text",
         "micro_batch": args.micro_batch, "length": args.length, "loss_chunk_size": trainer.target.chunk_size,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
