@@ -35,9 +35,11 @@ Model FLOPs per step (PaLM's MFU, appendix B of Chowdhery et al. 2022)::
 
 ``N``: the target's parameters without the input embedding (the LM head counts; tied weights
 once); ``tokens``: real target tokens; ``seq_len``: the row length. The attention term counts
-the full (non-causal) score matrix, as PaLM does. MFU = flops / step time / peak, the peak being
-the device's dense bf16 tensor throughput from ``PEAK_BF16_TFLOPS`` (by device name). On CPU
-there is no such figure: MFU is null.
+the full (non-causal) score matrix, as PaLM does. MFU = flops / time / peak, the peak being the
+device's dense bf16 tensor throughput from ``PEAK_BF16_TFLOPS`` (by device name), the time the
+step's time less its wait on the (colocated) sources: the target's own share of the device
+(``mfu``, the bar); over the whole step it is ``mfu_whole_step``. On CPU there is no such
+figure: MFU is null.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's resident
 high-water mark (``VmHWM``), which includes every model and library of the process.
@@ -68,9 +70,8 @@ sys.path.insert(0, str(REPO_ROOT))
 MFU_BAR, FUSED_VS_LM_BAR = 0.40, 1.1
 # Dense bf16 tensor-core peak in TFLOP/s (vendor data sheets, SXM/board variants as named by
 # torch.cuda.get_device_name); the first key contained in the device's name wins.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "GH200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "H800": 989.4, "B200": 2250.0,
-                    "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-                    "RTX 4090": 165.2, "RTX 6000 Ada": 364.2, "A6000": 154.8}
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H800": 989.4, "B200": 2250.0,
+                    "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 
 # (name, tokenizer folder, model class, shape) at full size and at toy size.
 TARGET_TOKENIZER = "smollm2"
@@ -310,8 +311,10 @@ def main(args: argparse.Namespace) -> dict:
     report.update(build_s=round(build_s, 1), setup_s=round(setup_s, 1), total_s=round(time.perf_counter() - started, 1),
                   process_cpu_s=round(usage.ru_utime + usage.ru_stime, 1))
     flops, params = report.pop("_flops_per_token")
-    mfu = None if peak is None else flops * report["target"]["tokens_per_s"] / (peak * 1e12)
-    report["target"].update(params_without_input_embedding=params, flops_per_token=flops, mfu=mfu)
+    target = report["target"]
+    mfu = None if peak is None else flops * target["tokens_per_s_without_source_wait"] / (peak * 1e12)
+    target.update(params_without_input_embedding=params, flops_per_token=flops, mfu=mfu,
+                  mfu_whole_step=None if peak is None else flops * target["tokens_per_s"] / (peak * 1e12))
     return {
         "device": device_name, "device_peak_bf16_tflops": peak, "toy": args.toy, "precision": precision,
         "attention": args.attention, "activation_checkpointing": args.activation_checkpointing,
@@ -410,7 +413,9 @@ def measure(args, trainer, device, Dispatched, iterate_epochs) -> dict:
     fused, plain = statistics.median(fused_times), statistics.median(plain_times)
     return {
         "steps": steps,
-        "target": {"tokens_per_s": tokens / seconds, "step_s_median": statistics.median(s["seconds"] for s in steps),
+        "target": {"tokens_per_s": tokens / seconds,
+                   "tokens_per_s_without_source_wait": tokens / (seconds - sum(v["waited_s"] for v in sources.values())),
+                   "step_s_median": statistics.median(s["seconds"] for s in steps),
                    "slot_utilisation": tokens / sum(s["slots"] for s in steps)},
         "sources_per_step": sources,
         "source_wait_share": sum(source["wait_share"] for source in sources.values()),
@@ -428,7 +433,8 @@ def print_report(report: dict, out: Path) -> None:
     mib = 2**20
     print(f"device {report['device']}  precision {report['precision']}  rows {report['micro_batch']} x {report['length']} "
           f"({report['rows']})  loss chunk {report['loss_chunk_size']}")
-    print(f"target: {target['tokens_per_s']:.0f} tok/s, step {target['step_s_median']:.3f} s (median), "
+    print(f"target: {target['tokens_per_s']:.0f} tok/s ({target['tokens_per_s_without_source_wait']:.0f} without the "
+          f"source wait), step {target['step_s_median']:.3f} s (median), "
           f"{target['params_without_input_embedding'] / 1e6:.1f} M params, MFU "
           f"{'n/a (no bf16 peak for this device)' if target['mfu'] is None else format(target['mfu'], '.3f')}")
     for name, source in report["sources_per_step"].items():
