@@ -93,6 +93,16 @@ def loss_chunk_size(trainer: TrainerConfig, causal_lm: nn.Module) -> int:
     return auto_chunk_size(vocab_size, hidden_size, DTYPES[trainer.precision], trainer.loss_memory_mb * 2**20)
 
 
+def train_module(causal_lm: nn.Module, trainer: TrainerConfig) -> TrainModule:
+    """The module the engine trains: ``causal_lm`` in training mode, its decoder layers recomputed in
+    backward with ``trainer.activation_checkpointing``, and the fused loss's chunk size."""
+    causal_lm.train()
+    if trainer.activation_checkpointing:
+        # Non-reentrant checkpointing: the one that works with ZeRO-3's parameter hooks.
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return TrainModule(causal_lm, loss_chunk_size(trainer, causal_lm))
+
+
 class TargetModel:
     """The target's DeepSpeed ZeRO-3 engine on the trainer ranks.
 
@@ -109,12 +119,8 @@ class TargetModel:
         trainer = config.trainer
         # Kept alive so that from_pretrained builds the model already partitioned (zero.Init).
         self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        causal_lm = load_causal_lm(config.target, trainer.precision, trainer.attention).train()
-        if trainer.activation_checkpointing:
-            # Non-reentrant checkpointing: the one that works with ZeRO-3's parameter hooks.
-            causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.chunk_size = loss_chunk_size(trainer, causal_lm)
-        module = TrainModule(causal_lm, self.chunk_size)
+        module = train_module(load_causal_lm(config.target, trainer.precision, trainer.attention), trainer)
+        self.chunk_size = module.chunk_size
         deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
         self.seconds: Counter = Counter()  # training forward / backward / optimizer time since the last ``timings``

@@ -20,7 +20,8 @@ from fusion.config import ConfigError, parse_config
 from fusion.loss import auto_chunk_size, fused_lm_loss
 from fusion.sources.loading import HeadChunkedForward, head_chunked
 from fusion.sources.scoring import HiddenStates, next_token_topk
-from fusion.target import deepspeed_config
+from fusion.config import TrainerConfig
+from fusion.target import deepspeed_config, train_module
 
 FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
@@ -78,6 +79,39 @@ def test_deepspeed_config_bf16_and_offload_optimizer():
     assert offload["bf16"] == {"enabled": False}
     # DeepSpeed refuses torch's AdamW with an offloaded optimizer (zero_force_ds_cpu_optimizer).
     assert offload["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1)
+    input_ids = torch.randint(0, 97, (2, 11))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        module = train_module(LlamaForCausalLM(config).eval(), TrainerConfig(activation_checkpointing=checkpointing,
+                                                                             loss_chunk_size="auto", loss_memory_mb=0.01))
+        assert module.causal_lm.training
+        calls, mlp = [], module.causal_lm.model.layers[0].mlp
+        forward = mlp.forward
+
+        def counted(*args, forward=forward, calls=calls):  # module hooks do not run in the recompute: count calls
+            calls.append(1)
+            return forward(*args)
+
+        mlp.forward = counted
+        hidden = module.causal_lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        empty = (torch.zeros(2, 11, 1, dtype=torch.long), torch.zeros(2, 11, 1), torch.zeros(2, 11, dtype=torch.bool))
+        loss, _ = fused_lm_loss(hidden, module.lm_head_weight, input_ids, *empty, 1.0, module.chunk_size)
+        loss.backward()
+        results.append((len(calls), loss.detach(), [p.grad.clone() for p in module.parameters()]))
+    (plain_calls, plain_loss, plain_grads), (checkpointed_calls, checkpointed_loss, checkpointed_grads) = results
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer ran again in backward
+    assert torch.equal(plain_loss, checkpointed_loss)
+    for a, b in zip(plain_grads, checkpointed_grads):
+        assert torch.allclose(a, b, atol=1e-7)
+    # auto: 0.01 MB over (4 * 97 + 16 * 16) bytes per fp32 position
+    assert module.chunk_size == int(0.01 * 2**20 // (4 * 97 + 16 * 16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +271,7 @@ def test_gpu_step_benchmark_runs_at_toy_size_on_cpu(tmp_path, tokenizer_dirs, ti
     assert bars[0] == "bar: mfu n/a"  # no bf16 peak for a CPU
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["target"]["mfu"] is None and report["precision"] == "fp32"
-    assert set(report["sources_per_step"]) == {"qwen-gpt2", "llama-mistral", "gemma3"}
+    assert set(report["sources_per_step"]) == {"qwen-gpt2", "llama-mistral", "gemma-wordpiece"}
     assert report["target"]["tokens_per_s"] > 0 and report["fused_vs_lm"] > 0 and report["peak_memory_bytes"] > 0
     for source in report["sources_per_step"].values():
         assert source["target_tokens_per_s"] > 0 and 0 < source["wait_share"] < 1
