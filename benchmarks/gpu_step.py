@@ -340,6 +340,7 @@ def measure(args, trainer, device, Dispatched, iterate_epochs) -> dict:
     import torch
 
     from fusion.fusion_weights import empty_soft_target
+    from fusion.sources.loading import HeadChunkedForward
 
     def synchronize():
         if device.type == "cuda":
@@ -389,6 +390,9 @@ def measure(args, trainer, device, Dispatched, iterate_epochs) -> dict:
         sent = sum(s["sources"][name]["target_tokens"] for s in steps)
         sources[name] = {"target_tokens_per_s": sent / compute if compute else None, "wait_share": waited / seconds,
                          "waited_s": waited}
+    for name, scorer in zip(names, trainer.sources.scorers):
+        # fusion.sources.loading.head_chunked: hidden states through the head in chunks, or the model's full logits.
+        sources[name]["logits"] = "head in chunks" if isinstance(scorer.model, HeadChunkedForward) else "full"
 
     # The last step's batch: its fused target (the sources answer it once more), then both loss steps.
     batch = seen[-1]
@@ -440,7 +444,7 @@ def print_report(report: dict, out: Path) -> None:
     for name, source in report["sources_per_step"].items():
         rate = source["target_tokens_per_s"]
         print(f"source {name}: {'n/a' if rate is None else format(rate, '.0f')} target tok/s, "
-              f"wait share {source['wait_share']:.3f}")
+              f"wait share {source['wait_share']:.3f}, logits: {source['logits']}")
     print(f"peak memory {report['peak_memory_bytes'] / mib:.0f} MiB ({report['peak_memory_kind']})")
     steps = report["loss_steps_s"]
     print(f"loss step: fused {statistics.median(steps['fused']):.3f} s, plain LM {statistics.median(steps['plain_lm']):.3f} s, "

@@ -274,5 +274,5 @@ def test_gpu_step_benchmark_runs_at_toy_size_on_cpu(tmp_path, tokenizer_dirs, ti
     assert set(report["sources_per_step"]) == {"qwen-gpt2", "llama-mistral", "gemma-wordpiece"}
     assert report["target"]["tokens_per_s"] > 0 and report["fused_vs_lm"] > 0 and report["peak_memory_bytes"] > 0
     for source in report["sources_per_step"].values():
-        assert source["target_tokens_per_s"] > 0 and 0 < source["wait_share"] < 1
+        assert source["target_tokens_per_s"] > 0 and 0 < source["wait_share"] < 1 and source["logits"] == "head in chunks"
     assert 0 < report["source_wait_share"] < 1
