@@ -27,6 +27,8 @@ REFERENCE_MODES = ("domain_oracle", "best_single", "static_top_k")
 FUSION_MODES = ("none", "min_ce", "avg_ce", "all_uniform", "scores", "predictive", *REFERENCE_MODES)
 FusionMode = Literal[FUSION_MODES]
 Precision = Literal["fp32", "bf16", "fp16"]
+# Hugging Face attention implementations a model is loaded with (``attn_implementation``).
+Attention = Literal["sdpa", "flash_attention_2", "eager"]
 
 
 class ConfigError(ValueError):
@@ -46,7 +48,8 @@ class SourceConfig:
     path: str
     replicas: int = 1
     tensor_parallel: int = 1
-    dtype: Precision = "fp32"
+    dtype: Precision = "fp32"  # weights and activations of the source's forward; on GPU use bf16
+    attention: Attention = "sdpa"
     batch_size: int = 8
 
 
@@ -93,9 +96,17 @@ class TrainerConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # bf16 / fp16: the target's weights, activations and gradients in 16 bits, fp32 master weights and
+    # optimizer state in DeepSpeed (its ``bf16`` / ``fp16`` sections); fp32: everything in fp32 (the CPU
+    # default). On GPU use bf16.
     precision: Precision = "fp32"
-    deepspeed_config: str = "ds_configs/zero3.json"
-    loss_chunk_size: int = 1024
+    attention: Attention = "sdpa"  # the target's attention implementation
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    deepspeed_config: str = "ds_configs/zero3.json"  # ds_configs/zero3_offload.json: parameters and optimizer on CPU
+    # Positions per chunk of the LM head in the fused loss, or "auto": as many as fit loss_memory_mb
+    # (fusion.loss.auto_chunk_size).
+    loss_chunk_size: int | Literal["auto"] = 1024
+    loss_memory_mb: float = 1024.0  # what one chunk of the LM head may hold, for loss_chunk_size: auto
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 8
@@ -366,6 +377,19 @@ def _check_ground_truth(path: str, sources: list[str]) -> None:
                         "`launch/evaluate.py --config <this config> --sources --out <file>`")
 
 
+def _check_attention(section: str, attention: str, dtype: str, dtype_key: str) -> None:
+    """``flash_attention_2`` needs the flash-attn package (a CUDA build) and 16-bit weights."""
+    if attention != "flash_attention_2":
+        return
+    import importlib.util
+
+    _check(importlib.util.find_spec("flash_attn") is not None,
+           f"{section}.attention: 'flash_attention_2' needs the flash-attn package, which is not installed; "
+           "`pip install flash-attn --no-build-isolation` on a CUDA machine, or use 'sdpa'")
+    _check(dtype in ("bf16", "fp16"), f"{section}.attention: 'flash_attention_2' runs in bf16 or fp16 only, but "
+                                      f"{dtype_key} is {dtype!r}; set {dtype_key}: bf16, or use 'sdpa'")
+
+
 def validate(config: Config, check_paths: bool = True) -> Config:
     """Check value ranges and cross-field rules; with ``check_paths`` also that files exist."""
     trainer, fusion, selector, topology = config.trainer, config.fusion, config.selector, config.topology
@@ -373,8 +397,12 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(0 <= trainer.min_lr_ratio <= 1, f"trainer.min_lr_ratio: must be in [0, 1], got {trainer.min_lr_ratio}")
     _check(trainer.weight_decay >= 0, f"trainer.weight_decay: must be >= 0, got {trainer.weight_decay}")
     _check(trainer.grad_clip >= 0, f"trainer.grad_clip: must be >= 0 (0 disables clipping), got {trainer.grad_clip}")
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "loss_chunk_size", "log_every", "eval_batches"):
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "eval_batches"):
         _check(getattr(trainer, key) >= 1, f"trainer.{key}: must be >= 1, got {getattr(trainer, key)}")
+    _check(trainer.loss_chunk_size == "auto" or trainer.loss_chunk_size >= 1,
+           f"trainer.loss_chunk_size: must be >= 1 or 'auto', got {trainer.loss_chunk_size}")
+    _check(trainer.loss_memory_mb > 0, f"trainer.loss_memory_mb: must be > 0 MB, got {trainer.loss_memory_mb}")
+    _check_attention("trainer", trainer.attention, trainer.precision, "trainer.precision")
     _check(trainer.warmup_steps >= 1, f"trainer.warmup_steps: must be >= 1 (DeepSpeed's WarmupCosineLR needs at least one "
                                       f"warmup step), got {trainer.warmup_steps}")
     _check(trainer.checkpoint_every >= 0, f"trainer.checkpoint_every: must be >= 0 (0 disables checkpoints), got {trainer.checkpoint_every}")
@@ -432,6 +460,7 @@ def validate(config: Config, check_paths: bool = True) -> Config:
         for attribute in ("replicas", "tensor_parallel", "batch_size"):
             value = getattr(source, attribute)
             _check(value >= 1, f"{key}.{attribute}: must be >= 1, got {value}")
+        _check_attention(key, source.attention, source.dtype, f"{key}.dtype")
     if fusion.mode == "none":
         _check(topology.placement == "colocated" or not config.sources,
                "fusion.mode: 'none' trains without sources; remove `sources` or use placement: colocated")

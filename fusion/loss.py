@@ -26,7 +26,7 @@ with ``c_lm = lam / N_lm`` and ``c_soft = (1 - lam) / N_soft``, from which it ac
 ``dloss/dh = dloss/dz @ W`` and ``dloss/dW = sum_chunks dloss/dz^T @ h``. Backward only scales the
 stored gradients by the incoming gradient. Peak extra memory is one ``[chunk_size, V]`` fp32
 buffer plus fp32 ``[V, H]`` for the weight gradient (and an fp32 copy of ``W`` when it is
-bf16/fp16).
+bf16/fp16). ``auto_chunk_size`` picks the chunk size from a memory budget.
 """
 
 from __future__ import annotations
@@ -37,6 +37,32 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+
+
+def chunk_bytes_per_row(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes one position of a chunk holds at once in ``fused_lm_loss``.
+
+    Per row: its fp32 logits, turned in place into probabilities and then into the logits'
+    gradient (``4·V``); the gathered hidden state in its dtype and in fp32, its fp32 gradient and
+    that gradient cast back (``(2·b + 8)·H`` with ``b`` the hidden dtype's bytes)::
+
+        bytes_per_row = 4·V + (2·b + 8)·H
+    """
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return 4 * vocab_size + (2 * dtype_bytes + 8) * hidden_size
+
+
+def auto_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype, memory_bytes: float) -> int:
+    """The most positions per chunk whose buffers fit ``memory_bytes`` (``trainer.loss_chunk_size: auto``)::
+
+        chunk_size = max(1, floor(memory_bytes / bytes_per_row))      (``chunk_bytes_per_row``)
+
+    The fp32 ``[V, H]`` weight gradient and weight copy do not depend on the chunk size and are
+    not part of the budget. Example: V = 262,144, H = 2,048, bf16, 1 GiB -> 1,000 positions.
+    """
+    if memory_bytes <= 0:
+        raise ValueError(f"memory_bytes={memory_bytes} must be positive (the budget of one LM-head chunk)")
+    return max(1, int(memory_bytes // chunk_bytes_per_row(vocab_size, hidden_size, dtype)))
 
 
 @dataclass(frozen=True)

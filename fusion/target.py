@@ -13,14 +13,13 @@ from pathlib import Path
 import deepspeed
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from fusion.config import Config
+from fusion.config import Config, TrainerConfig
 from fusion.evaluation import sharded_held_out
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target
-from fusion.loss import fused_lm_loss
-from fusion.sources.loading import DTYPES
+from fusion.loss import auto_chunk_size, fused_lm_loss
+from fusion.sources.loading import DTYPES, load_causal_lm
 
 # Keys of the engine JSON that the run config decides.
 RUN_OWNED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
@@ -62,6 +61,7 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
     trainer = config.trainer
     path = Path(trainer.deepspeed_config)
     engine = json.loads(path.read_text())
+    offload = engine.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     clashes = sorted(RUN_OWNED_KEYS & set(engine))
     if clashes:
         raise ValueError(f"{path}: keys {clashes} are set from the run config (trainer.*); remove them from the JSON")
@@ -75,14 +75,36 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "gradient_clipping": trainer.grad_clip,
         "bf16": {"enabled": trainer.precision == "bf16"},
         "fp16": {"enabled": trainer.precision == "fp16"},
-        # torch's AdamW: no JIT-compiled extension needed, on CPU or GPU.
+        # torch's AdamW (no JIT-compiled extension needed, on CPU or GPU), except with the optimizer
+        # offloaded: DeepSpeed refuses any but its CPU Adam there (built on first use, several minutes).
         "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": trainer.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": trainer.weight_decay,
+                                                  "torch_adam": offload not in ("cpu", "nvme")}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": trainer.max_steps, "warmup_num_steps": trainer.warmup_steps,
             "warmup_min_ratio": 0.0, "cos_min_ratio": trainer.min_lr_ratio, "warmup_type": "linear"}},
     })
     return engine
+
+
+def loss_chunk_size(trainer: TrainerConfig, causal_lm: nn.Module) -> int:
+    """``trainer.loss_chunk_size``, or for ``auto`` what fits ``trainer.loss_memory_mb`` for this model's
+    LM head (:func:`fusion.loss.auto_chunk_size`); reads the full shape of a ZeRO-3 partitioned weight."""
+    if trainer.loss_chunk_size != "auto":
+        return trainer.loss_chunk_size
+    weight = causal_lm.get_output_embeddings().weight
+    vocab_size, hidden_size = getattr(weight, "ds_shape", weight.shape)
+    return auto_chunk_size(vocab_size, hidden_size, DTYPES[trainer.precision], trainer.loss_memory_mb * 2**20)
+
+
+def train_module(causal_lm: nn.Module, trainer: TrainerConfig) -> TrainModule:
+    """The module the engine trains: ``causal_lm`` in training mode, its decoder layers recomputed in
+    backward with ``trainer.activation_checkpointing``, and the fused loss's chunk size."""
+    causal_lm.train()
+    if trainer.activation_checkpointing:
+        # Non-reentrant checkpointing: the one that works with ZeRO-3's parameter hooks.
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return TrainModule(causal_lm, loss_chunk_size(trainer, causal_lm))
 
 
 class TargetModel:
@@ -98,10 +120,11 @@ class TargetModel:
         self.dp_size = dp_size
         self.device = device
         ds_config = deepspeed_config(config, dp_size)
+        trainer = config.trainer
         # Kept alive so that from_pretrained builds the model already partitioned (zero.Init).
         self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        causal_lm = AutoModelForCausalLM.from_pretrained(config.target, dtype=DTYPES[config.trainer.precision])
-        module = TrainModule(causal_lm, config.trainer.loss_chunk_size)
+        module = train_module(load_causal_lm(config.target, trainer.precision, trainer.attention), trainer)
+        self.chunk_size = module.chunk_size
         deepspeed.zero.register_external_parameter(module, module.lm_head_weight)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
         self.seconds: Counter = Counter()  # training forward / backward / optimizer time since the last ``timings``

@@ -68,7 +68,7 @@ class SourceEngine:
         self.replica_lost: str | None = None  # why this replica can no longer compute (a TP rank died)
 
     def load(self) -> None:
-        model = load_causal_lm(self.spec.path, self.spec.dtype)
+        model = load_causal_lm(self.spec.path, self.spec.dtype, self.spec.attention)
         # Read before AutoTP may split the head.
         vocab_size = vocab_size_of(model)
         if self.device.type == "cpu":

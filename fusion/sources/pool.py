@@ -44,7 +44,7 @@ class ColocatedSources(InProcessSources):
         self.counters = [SourceCounters() for _ in specs]
         self.scorers = []
         for spec, counters in zip(specs, self.counters):
-            model = load_causal_lm(spec.path, spec.dtype).to(device)
+            model = load_causal_lm(spec.path, spec.dtype, spec.attention).to(device)
             scorer = build_scorer(model, vocab_size_of(model), spec.path, target_tokenizer, top_k=top_k,
                                   temperature=temperature, max_length=max_length, vocab_map_dir=cache_dir, device=device)
             counters.coverage = scorer.vocab_map.coverage()

@@ -2,13 +2,16 @@
 
 The scorer is placement-agnostic: ``model`` is any callable taking ``input_ids`` and
 ``attention_mask`` and returning logits ``[B, L, V]`` (a tensor, or an object with
-``.logits`` such as a Hugging Face CausalLM output or a DeepSpeed inference engine's).
+``.logits`` such as a Hugging Face CausalLM output or a DeepSpeed inference engine's), or
+``HiddenStates`` (the final hidden states and the LM head, so that only chunks of positions
+ever have logits).
 The vocabulary size V is read from the logits, never from ``len(tokenizer)``: padded
 vocabularies make them differ.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +22,24 @@ from fusion.sources.answer import SparseSoftLabels
 from fusion.vocab_map import MidTextTokenizer, SurfaceIndex, VocabMap, shifted_surface, spell_vocabulary
 
 Offsets = Sequence[tuple[int, int]]
+
+
+@dataclass
+class HiddenStates:
+    """A source forward's final hidden states and the head that makes logits of some of their rows.
+
+    What a model callable may return instead of full logits (``fusion.sources.loading.HeadChunkedForward``):
+    ``next_token_topk`` then computes the logits of at most ``chunk_rows`` positions at a time, so no
+    ``[B, L, V]`` tensor exists (a 262k-vocabulary source's logits are 1 MiB per position in fp32).
+    """
+
+    hidden: torch.Tensor  # [B, L, H]
+    head: Callable[[torch.Tensor], torch.Tensor]  # [n, H] -> [n, V] logits
+    vocab_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.hidden.shape[:2], self.vocab_size)
 
 
 def encode_with_offsets(
@@ -54,7 +75,7 @@ def encode_with_offsets(
 
 
 def next_token_topk(
-    logits: torch.Tensor,
+    logits: torch.Tensor | HiddenStates,
     attention_mask: torch.Tensor,
     next_ids: torch.Tensor,
     top_k: int,
@@ -65,10 +86,11 @@ def next_token_topk(
 
     The full-vocabulary log-softmax is taken in float32 over at most ``chunk_rows`` (sequence,
     position) rows at a time, so the extra memory is ``chunk_rows × V × 4`` bytes whatever the
-    batch size.
+    batch size. Given ``HiddenStates``, the logits of those rows are made there too (through the
+    head, in the model's dtype), so the forward pass holds no full-vocabulary tensor at all.
 
     Args:
-        logits: ``[B, L, V]`` source logits (any float dtype).
+        logits: ``[B, L, V]`` source logits (any float dtype), or the ``HiddenStates`` they come from.
         attention_mask: ``[B, L]``; 0 marks padding, whose outputs are left at their fill values.
         next_ids: ``[B, L]`` int64 id of the gold token following each position, -100 where
             none is scored.
@@ -88,15 +110,18 @@ def next_token_topk(
         raise ValueError(f"top_k={top_k} must lie in [1, {vocab}] (the logits' vocabulary width)")
     if temperature <= 0 or chunk_rows <= 0:
         raise ValueError(f"temperature={temperature} and chunk_rows={chunk_rows} must both be positive")
-    flat_logits = logits.reshape(batch * length, vocab)
-    flat_next = next_ids.reshape(-1).to(logits.device)
-    rows = attention_mask.reshape(-1).to(logits.device).nonzero().squeeze(1)
-    top_logprobs = torch.full((batch * length, top_k), float("-inf"), dtype=torch.float32, device=logits.device)
-    top_ids = torch.zeros(batch * length, top_k, dtype=torch.long, device=logits.device)
-    gold_logprob = torch.zeros(batch * length, dtype=torch.float32, device=logits.device)
+    # Rows of logits, or of hidden states that the head turns into logits one chunk at a time.
+    head = logits.head if isinstance(logits, HiddenStates) else None
+    flat = logits.reshape(batch * length, vocab) if head is None else logits.hidden.reshape(batch * length, -1)
+    device = flat.device
+    flat_next = next_ids.reshape(-1).to(device)
+    rows = attention_mask.reshape(-1).to(device).nonzero().squeeze(1)
+    top_logprobs = torch.full((batch * length, top_k), float("-inf"), dtype=torch.float32, device=device)
+    top_ids = torch.zeros(batch * length, top_k, dtype=torch.long, device=device)
+    gold_logprob = torch.zeros(batch * length, dtype=torch.float32, device=device)
     for start in range(0, rows.numel(), chunk_rows):
         chunk = rows[start : start + chunk_rows]
-        x = flat_logits[chunk].float()
+        x = (flat[chunk] if head is None else head(flat[chunk])).float()
         log_normaliser = torch.logsumexp(x, dim=-1)
         values, ids = x.topk(top_k, dim=-1)
         if temperature == 1.0:
@@ -132,12 +157,14 @@ def _scored_bytes(text: str, offsets: Offsets, special: Sequence[int], scored: n
     return len(text[start : offsets[last][1]].encode("utf-8"))
 
 
-def _logits_of(output) -> torch.Tensor:
+def _logits_of(output) -> torch.Tensor | HiddenStates:
+    if isinstance(output, HiddenStates):
+        return output
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(
-            f"the source model returned {type(output).__name__}; expected logits [B, L, V] as a tensor "
-            "or as the .logits attribute of its output"
+            f"the source model returned {type(output).__name__}; expected logits [B, L, V] as a tensor, "
+            "as the .logits attribute of its output, or HiddenStates"
         )
     return logits
 
@@ -147,7 +174,7 @@ class SourceScorer:
 
     Args:
         model: callable ``model(input_ids=[B, L] int64, attention_mask=[B, L] int64)`` returning
-            logits ``[B, L, V]`` (directly or as ``.logits``).
+            logits ``[B, L, V]`` (directly or as ``.logits``) or ``HiddenStates``.
         source_tokenizer: the source's fast tokenizer.
         target_tokenizer: the target's fast tokenizer (used when ``score`` gets no target offsets).
         vocab_map: source→target vocabulary map built for V source ids (the logits' width).
