@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alignment_reference import facts, reference_boundaries, reference_spell
+from fusion.alignment import INSIDE
 from fusion.sources.scoring import SourceScorer, encode_with_offsets, next_token_topk
 from fusion.vocab_map import VocabMap
 
@@ -404,3 +405,23 @@ def test_scorer_rejects_a_model_without_logits(toks):
     vocab_map = VocabMap.build(tok, tok, len(tok))
     with pytest.raises(ValueError, match="logits"):
         SourceScorer(lambda **_: {"hidden": 0}, tok, tok, vocab_map).score(TEXTS[:2])
+
+
+def test_scoring_through_hidden_states_equals_scoring_through_full_logits(real_tokenizers, toks):
+    """A real source scored as build_scorer does (HeadChunkedForward: logits made a few positions at a time,
+    including the inside-token candidates) gives the answers of the same model's full logits."""
+    from fusion.sources.loading import HeadChunkedForward, head_chunked
+
+    src, tgt = real_tokenizers["smollm2"], toks["bytes_plain"]
+    model = tiny_llama(len(src), seed=3)
+    chunked = head_chunked(model)
+    assert isinstance(chunked, HeadChunkedForward)
+    vocab_map = VocabMap.build(src, tgt, len(src))
+    texts = [text for text in _unicode_texts(6, seed=5) if not facts(src)[2] & set(text.encode())]
+    full = SourceScorer(model, src, tgt, vocab_map, top_k=4, chunk_rows=7).score(texts)
+    heads = SourceScorer(chunked, src, tgt, vocab_map, top_k=4, chunk_rows=7).score(texts)
+    plans = SourceScorer(model, src, tgt, vocab_map, top_k=4).plans(texts)
+    assert sum(int((plan.kind == INSIDE).sum()) for plan in plans) > 10  # the inside-token path is exercised
+    assert torch.equal(full.valid, heads.valid) and torch.equal(full.indices, heads.indices)
+    for name in ("logprobs", "nll_per_token", "nll_per_byte"):
+        torch.testing.assert_close(getattr(heads, name), getattr(full, name), atol=1e-5, rtol=1e-5, msg=name)

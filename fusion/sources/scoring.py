@@ -41,6 +41,14 @@ class HiddenStates:
     def shape(self) -> tuple[int, int, int]:
         return (*self.hidden.shape[:2], self.vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def at(self, row: int, position: int) -> torch.Tensor:
+        """``[V]`` logits of one position."""
+        return self.head(self.hidden[row, position].unsqueeze(0))[0]
+
 
 def encode_with_offsets(
     tokenizer, texts: Sequence[str], max_length: int | None = None
@@ -366,7 +374,7 @@ class SourceScorer:
                             ids_row[c], dropped[slot, c] = target_ids[row][t + 1], False
                 _write_label(answer, row, t, ids_row, dropped[slot], top_logprobs[row, j])
 
-    def _inside_candidates(self, logits: torch.Tensor, texts, plans: list[LabelPlan]) -> dict:
+    def _inside_candidates(self, logits: torch.Tensor | HiddenStates, texts, plans: list[LabelPlan]) -> dict:
         """``{(row, t): (logprobs [k], ids [k])}`` at the inside positions of ``plans``: ``extending_topk``
         of the source position ``plan.source[t]`` over the ids extending the characters seen."""
         index = self._spellings()[3]
@@ -380,7 +388,7 @@ class SourceScorer:
         return {key: (logprobs[q], ids[q]) for q, key in enumerate(keys)}
 
 
-def extending_topk(logits: torch.Tensor, queries: Sequence[tuple[int, int, int, int]], index: SurfaceIndex,
+def extending_topk(logits: torch.Tensor | HiddenStates, queries: Sequence[tuple[int, int, int, int]], index: SurfaceIndex,
                    top_k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's distribution over the ids that extend what the target has seen, renormalised, top-k.
 
@@ -391,7 +399,8 @@ def extending_topk(logits: torch.Tensor, queries: Sequence[tuple[int, int, int, 
     candidates' logits are read, one position at a time: no full-vocabulary copy.
 
     Args:
-        logits: ``[B, L, V]`` source logits.
+        logits: ``[B, L, V]`` source logits, or the ``HiddenStates`` they come from (then the logits of
+            each queried position alone are made).
         queries: ``(row, position, lo, hi)`` per inside target position.
         index: the source's ``SurfaceIndex``.
         top_k: candidates kept per query.
@@ -408,7 +417,8 @@ def extending_topk(logits: torch.Tensor, queries: Sequence[tuple[int, int, int, 
             if hi <= lo:
                 continue
             candidates = order[lo:hi]
-            x = logits[row, position, candidates].float() / temperature
+            at = logits.at(row, position) if isinstance(logits, HiddenStates) else logits[row, position]
+            x = at[candidates].float() / temperature
             values, slots = x.topk(min(top_k, hi - lo))
             logprobs[q, : len(slots)] = values - torch.logsumexp(x, dim=0)
             ids[q, : len(slots)] = candidates[slots]
