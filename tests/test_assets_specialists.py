@@ -69,3 +69,24 @@ def test_ensure_needs_the_base_and_the_domain(tmp_path):
     save_tiny_target(tmp_path / "base", tie_word_embeddings=True)
     with pytest.raises(ValueError, match="no training documents"):
         ensure_specialist(spec, [{"text": "x", "domain": "wiki"}], tmp_path, seed=0)
+
+
+def test_report_names_the_best_source_per_domain_and_each_specialists_margin():
+    from fusion.assets.build import report_markdown
+
+    def row(bpb):
+        return {"perplexity": 2 ** bpb, "bits_per_byte": bpb}
+
+    scores = {  # bible, code, shakespeare, wiki, all
+        "smollm2-135m": (1.27, 0.98, 1.95, 0.96, 1.2), "gemma3-270m": (1.03, 0.99, 1.92, 0.88, 1.1),
+        "code-smollm2": (1.27, 0.86, 1.95, 0.95, 1.2), "bible-smollm2": (1.02, 1.04, 2.03, 0.98, 1.2),
+        "shakespeare-gemma3": (1.33, 1.27, 1.68, 1.14, 1.3), "target": (2.0, 2.6, 2.8, 2.6, 2.5)}
+    domains = ("bible", "code", "shakespeare", "wiki", "all")
+    report = {"models": {name: {d: row(v) for d, v in zip(domains, values)} for name, values in scores.items()}}
+    text = report_markdown(report)
+    assert "| code | code-smollm2 | 0.860 | smollm2-135m | 0.980 |" in text
+    assert "| bible | bible-smollm2 | 1.020 | gemma3-270m | 1.030 |" in text
+    assert "| wiki | gemma3-270m | 0.880 |" in text  # the target is never a source
+    assert "| code-smollm2 | code | 0.860 | 0.980 | +0.120 | met |" in text
+    assert "| bible-smollm2 | bible | 1.020 | 1.030 | +0.010 | NOT met |" in text
+    assert "| shakespeare-gemma3 | shakespeare | 1.680 | 1.920 | +0.240 | met |" in text
