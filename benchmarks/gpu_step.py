@@ -367,7 +367,7 @@ def measure(args, trainer, device, Dispatched, iterate_epochs) -> dict:
                 Path("/proc/self/clear_refs").write_text("5")  # resident high-water mark := now
         synchronize()
         step_started = time.perf_counter()
-        loss, lm_loss, soft_loss, _ = trainer._train_step(step, stream, in_flight)
+        loss, lm_loss, soft_loss, _, _ = trainer._train_step(step, stream, in_flight)
         synchronize()
         seconds = time.perf_counter() - step_started
         batch = seen[-1]
