@@ -122,7 +122,7 @@ class FusionConfig:
     lam: float = 0.9
     top_k: int = 10
     temperature: float = 1.0
-    sharpen_temperature: float | None = None  # T_s: sharpen the gate weights by realised scores; null: no sharpening
+    sharpen_temperature: float | None = 0.1  # T_s: sharpen the gate weights by realised scores; null: no sharpening
     answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
     offline: bool = False  # read sources' answers from answers_dir instead of running the models
     # Reference modes: `launch/evaluate.py --sources` JSON, the sources' held-out bits per byte per domain.
@@ -132,24 +132,25 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class ExplorationConfig:
-    start: float = 0.1
-    end: float = 0.02
+    start: float = 0.2
+    end: float = 0.05
     decay_steps: int = 1000  # optimizer steps from start to end; the rate stays at end afterwards
     schedule: Literal["linear", "exponential", "constant"] = "linear"
-    measure_steps: int = 0  # the first optimizer steps ask every available source (the gate policies' warm-up)
+    measure_steps: int = 4  # the first optimizer steps ask every available source (predictive's warm-up)
 
 
 @dataclass(frozen=True)
 class SelectorConfig:
-    tau: float = 0.15  # gate-probability threshold of the selection rule
-    objective: Literal["ranking", "regression"] = "ranking"  # what the predictive gate learns (fusion.selection)
+    # Defaults: the settings of the comparison in docs/RESULTS.md ("Real specialists").
+    tau: float = 0.3  # gate-probability threshold of the selection rule
+    objective: Literal["ranking", "regression"] = "regression"  # what the predictive gate learns (fusion.selection)
     min_sources: int = 1
-    max_sources: int | None = None
-    beta: float = 0.5
-    lr: float = 1e-3
+    max_sources: int | None = 2
+    beta: float = 0.0
+    lr: float = 5e-3
     embedding_dim: int = 64
     hidden_dim: int = 128
-    gate_temperature: float = 1.0  # T_gate of the scores gate, softmax(-nll_per_byte / T_gate)
+    gate_temperature: float = 0.05  # T_gate: softmax(-scores / T_gate), realised (scores) or predicted (predictive)
     target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 

@@ -31,7 +31,7 @@ def test_defaults_fill_in_and_types_are_converted():
     config = parse(base(trainer={"lr": "1e-4"}))  # YAML reads 1e-4 as a string
     assert config.trainer.lr == pytest.approx(1e-4)
     assert config.trainer.micro_batch_size == 4
-    assert config.selector.tau == pytest.approx(0.15)
+    assert config.selector.tau == pytest.approx(0.3) and config.selector.objective == "regression"
     assert config.fusion.lam == pytest.approx(0.9)
     assert config.sources == ()
 

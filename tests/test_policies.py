@@ -80,7 +80,8 @@ def test_nothing_answered_means_no_weight_and_nothing_learnt():
 
 
 def test_predictive_chooses_by_threshold_before_any_source_runs():
-    policy = make("predictive", tau=0.3, max_sources=2, exploration={"start": 0.0, "end": 0.0, "decay_steps": 1})
+    policy = make("predictive", objective="ranking", tau=0.3, max_sources=2,
+                  exploration={"start": 0.0, "end": 0.0, "decay_steps": 1, "measure_steps": 0})
     with torch.no_grad():
         probs = policy.selector(BATCH["input_ids"], BATCH["attention_mask"]).softmax(-1)
     chosen = policy.choose(BATCH, torch.ones(3, dtype=torch.bool), step=1)
@@ -100,14 +101,14 @@ def test_scores_gate_fuses_the_best_realised_source_when_sharp():
 
 
 def test_gate_policies_learn_and_checkpoint_through_state_dict():
-    policy = make("predictive", target_temperature=0.1)
+    policy = make("predictive", objective="ranking", target_temperature=0.1)
     ran = torch.ones(B, 3, dtype=torch.bool)
     per_byte = [[1.0, 0.5, 2.0]] * B
     before = {key: value.clone() for key, value in policy.state_dict()["selector"].items()}
     policy.learn(BATCH, answers(per_byte, per_byte), ran)
     assert any(not torch.equal(value, before[key]) for key, value in policy.state_dict()["selector"].items())
     assert policy.stats()["select/loss"] > 0
-    restored = make("predictive", target_temperature=0.1)
+    restored = make("predictive", objective="ranking", target_temperature=0.1)
     restored.load_state_dict(policy.state_dict())
     for key, value in restored.state_dict()["selector"].items():
         assert torch.equal(value, policy.state_dict()["selector"][key])
