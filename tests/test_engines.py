@@ -58,7 +58,7 @@ def test_only_chosen_sources_receive_requests(tmp_path, tiny_target, tiny_source
     _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, world_size=5,
                            sources=specs, topology={"placement": "disaggregated", "prefetch_steps": 2},
                            fusion={"mode": "predictive", "lam": 0.5},
-                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0}}, max_steps=steps, **STEPS)
+                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0, "measure_steps": 0}}, max_steps=steps, **STEPS)
     summary = json.loads((output_dir / "result.json").read_text())
     routing, sources = summary["routing"], summary["sources"]
     sequences = steps * 4 * 2

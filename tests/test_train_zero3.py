@@ -105,7 +105,7 @@ def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, t
     sources = [{"name": path.name, "path": str(path), "batch_size": 3} for path in tiny_sources]
     _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, sources=sources,
                            fusion={"mode": "predictive", "lam": 0.5},
-                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0}}, micro_batch_size=4, max_steps=6, lr=3e-3,
+                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0, "measure_steps": 0}}, micro_batch_size=4, max_steps=6, lr=3e-3,
                            warmup_steps=1)
     summary = json.loads((output_dir / "result.json").read_text())
     routing, served = summary["routing"], summary["sources"]
