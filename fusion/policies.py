@@ -206,11 +206,14 @@ class Predictive(GatePolicy):
     def _network_output(self, batch: dict) -> Tensor:
         return self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
-    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
-        output = self._network_output(batch)
+    def _gate_of(self, output: Tensor) -> Tensor:
+        """Gate logits from the network's output: predicted scores (regression) or logits (ranking)."""
         if self.config.selector.objective == "regression":
             return -output / self.config.selector.gate_temperature
         return output
+
+    def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
+        return self._gate_of(self._network_output(batch))
 
     def _loss(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor):
         selector = self.config.selector
@@ -220,7 +223,7 @@ class Predictive(GatePolicy):
         if not bool(self.selector.output_initialised):
             self.selector.init_output_bias(ran.to(self.device), nll_per_byte)
         predicted = self._network_output(batch)
-        gate_logits = -predicted / selector.gate_temperature
+        gate_logits = self._gate_of(predicted)
         loss, stats = selector_regression_loss(predicted, gate_logits, ran.to(self.device), nll_per_byte, selector.beta)
         return gate_logits, loss, stats
 

@@ -80,7 +80,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GATE_FEATURES = ("ids", "scores")
-SELECTOR_OBJECTIVES = ("ranking", "regression")
 BASELINE_MODES = ("all_uniform", "avg_ce", "min_ce", "none")
 EXPLORATION_SCHEDULES = ("constant", "linear", "exponential")
 

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         if domain in trained_domains} for name, scores in truth.items()}},
                                      indent=2) + "\n")
     shared["fusion"]["ground_truth"] = str(truth_file)
-    base_raw = comparison.run_config(raw, comparison.RunSpec("predictive", tuple(names), args.seeds[0]), str(out / "base"), shared)
+    base_raw["fusion"]["ground_truth"] = str(truth_file)
     base_file = out / "base.yaml"
     base_file.write_text(yaml.safe_dump(base_raw))
     if any(spec.sources for spec in specs):
