@@ -54,8 +54,8 @@ class SpecialistSpec:
 
 SPECIALISTS = (
     SpecialistSpec("code-smollm2", "smollm2-135m", "code", steps=240),
-    # Not ahead of Gemma-3 on bible (1.021 vs 0.994 bpb); Gemma-3 continued on bible at lr 8e-4 (6 layers,
-    # 150 steps of 4) got worse (1.106): see docs/RESULTS.md.
+    # Not ahead of Gemma-3 on bible (1.037 vs 0.999 bpb). Gemma-3 continued on bible got worse, at lr 8e-4
+    # with 6 layers (1.106) and at the Shakespeare recipe below (1.037): see docs/RESULTS.md.
     SpecialistSpec("bible-smollm2", "smollm2-135m", "bible"),
     SpecialistSpec("shakespeare-gemma3", "gemma3-270m", "shakespeare", train_layers=4, batch_size=4, steps=150),
 )
