@@ -45,8 +45,8 @@ _PIECE_FEATURES = datasets.Features({"text": datasets.Value("string"), "domain":
 # A cut at a line start is preferred to a later one at a space when it gives up at most this share
 # of the row's room (and never more than min_piece tokens): lines are the corpus's natural units.
 _LINE_SLACK = 1 / 64
-# Cut positions tried (latest first) before a cut is given up: the plan's estimate is exact but
-# at the cut itself, so the first one almost always fits.
+# Cut positions tried (latest first) before a cut is given up: the estimate from the piece's token
+# offsets is off only where tokens merge differently at the cut, so the first one almost always fits.
 _CUT_TRIES = 8
 
 
@@ -95,7 +95,7 @@ class Packed(NamedTuple):
         rows: the ``TextBatchCollator``'s rows: columns ``texts`` (the documents' texts), ``chunk_index``
             (each document's row in the split offline answers are keyed on: the chunked split, or
             ``pieces`` when chunks are cut) and ``domain``.
-        pieces: with ``min_piece_tokens``, the documents the rows hold, one per row, in chunk order and
+        pieces: with ``min_piece_tokens``, the documents the rows hold, one entry per piece, in chunk order and
             within a chunk in text order (columns ``text``, ``domain``, ``chunk_index``: the chunk's row
             in the split, ``start``: the piece's first character in the chunk); the split offline
             answers are computed over (``launch/precompute.py``). None without cutting.
@@ -132,7 +132,7 @@ def pack_chunks(chunks: datasets.Dataset, tokenizers: Sequence, max_length: int,
         raise ValueError(f"min_piece_tokens must be >= 1 or None, got {min_piece_tokens}")
     target_tokenizer = tokenizers[0]
     texts, domains = list(chunks["text"]), list(chunks["domain"])
-    index = chunks["chunk_index"] if "chunk_index" in chunks.column_names else list(range(len(chunks)))
+    index = list(chunks["chunk_index"]) if "chunk_index" in chunks.column_names else list(range(len(chunks)))
     counts = token_counts(texts, [target_tokenizer])[:, 0]
     too_long = np.flatnonzero(counts > max_length)
     if too_long.size:
@@ -219,8 +219,8 @@ def fill_rows(lengths: np.ndarray, capacity: int, extents: Sequence[int] | None 
     ``min_piece``: ``cut(piece, room)`` returns a head (at most ``room`` tokens, at least ``min_piece``)
     and a tail (at least ``min_piece``) that together are the piece, or None where no such cut
     exists; the head goes into that row and the tail is placed in turn. Otherwise the piece opens a
-    new row. So a row opens only when every open row has less room than ``min_piece`` or than the
-    piece, and a piece is cut only when no row holds it whole.
+    new row. So a row opens only when no open row holds the piece and the widest has less room than
+    ``min_piece`` or gives no cut, and a piece is cut only when no row holds it whole.
 
     Args:
         lengths: ``[n]`` tokens of each whole item, each <= ``capacity``.
