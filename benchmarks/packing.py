@@ -1,11 +1,13 @@
 """Row utilisation of a run's training split, one chunk per row against packed rows, per domain.
 
 The split is chunked for the config's target and every source (``fusion.splits.run_tokenizers``) at
-each ``--max-length``, then laid out both ways by ``fusion.packing.pack_chunks``; utilisation is real
-target tokens over the rows' ``max_length`` slots. Both layouts are measured in the same run on the
-same chunks. Writes JSON; the last line printed is ``bar: min_packed_utilisation <x>`` (the lowest
-domain at the largest ``--max-length``; issue 14's bar is 0.95); the exit status is 0 whether or not
-a bar is met.
+each ``--max-length``, then laid out three ways by ``fusion.packing.pack_chunks``: one chunk per row,
+rows of whole chunks (``data.min_piece_tokens: null``) and ``packed``, what ``data.packing: true``
+gives with the config's ``data.min_piece_tokens`` (chunks cut into pieces that fill the rows; the
+same as whole chunks when it is null). Utilisation is real target tokens over the rows'
+``max_length`` slots; all layouts are measured in the same run on the same chunks. Writes JSON; the
+last line printed is ``bar: min_packed_utilisation <x>`` (the lowest domain of ``packed`` at the
+largest ``--max-length``; issue 14's bar is 0.95); the exit status is 0 whether or not a bar is met.
 
     python benchmarks/packing.py [--config configs/demo.yaml] [--max-length 2048 ...] [--out benchmarks/results/packing.json]
 """
@@ -28,11 +30,14 @@ def measure(config, tokenizers, max_length: int) -> dict:
     chunks, _ = chunked_split(config, config.data.train_split, tokenizers)
     chunk_seconds = time.perf_counter() - started
     result = {"chunks": len(chunks), "chunk_s": round(chunk_seconds, 1)}
-    for name, packing in (("one_chunk_per_row", False), ("packed", True)):
+    layouts = (("one_chunk_per_row", False, None), ("whole_chunks", True, None), ("packed", True, config.data.min_piece_tokens))
+    for name, packing, min_piece_tokens in layouts:
         started = time.perf_counter()
-        _, report = pack_chunks(chunks, tokenizers[0], max_length, packing)
-        result[name] = {"rows": report.rows, "utilisation": round(report.utilisation, 4), "seconds": round(time.perf_counter() - started, 1),
+        _, _, report = pack_chunks(chunks, tokenizers, max_length, packing, min_piece_tokens)
+        result[name] = {"rows": report.rows, "documents": report.documents, "utilisation": round(report.utilisation, 4),
+                        "seconds": round(time.perf_counter() - started, 1),
                         "by_domain": {domain: round(value, 4) for domain, value in report.domain_utilisation().items()}}
+    result["min_piece_tokens"] = config.data.min_piece_tokens
     return result
 
 

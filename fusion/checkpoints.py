@@ -55,6 +55,8 @@ def run_manifest(config: Config, tokenizers: Sequence, train_chunks) -> dict:
         "trainer_ranks": config.topology.trainer_ranks,
         "data_sha256": corpus_sha256(train_chunks),
         "packing": config.data.packing,  # the same chunks in other rows: another data order
+        # Other pieces: other documents (null: whole chunks, as without packing)
+        "min_piece_tokens": config.data.min_piece_tokens if config.data.packing else None,
     }
 
 
@@ -80,6 +82,7 @@ def manifest_differences(saved: dict, current: dict) -> list[str]:
         differ(f"fusion.{key}", value, current["fusion"][key])
     differ("topology.trainer_ranks", saved["trainer_ranks"], current["trainer_ranks"])
     differ("data.packing", saved.get("packing", False), current["packing"])
+    differ("data.min_piece_tokens (with data.packing)", saved.get("min_piece_tokens"), current.get("min_piece_tokens"))
     differ("training data (data.corpus, train_split, domains, max_length, max_train_chunks or the subset seed) "
            "with text hash", saved["data_sha256"][:12], current["data_sha256"][:12])
     return differences

@@ -74,10 +74,14 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "validation"
     max_length: int = 128
-    # Fill each training row with whole chunks of several documents (of one domain) up to max_length
-    # under every tokenizer; labels, soft labels and attention stay within documents (fusion.packing).
-    # Off by default: the sources are then chosen per document, not per packed row.
+    # Fill each training row with several documents (of one domain) up to max_length target tokens;
+    # labels, soft labels and attention stay within documents (fusion.packing). Off by default: the
+    # sources are then chosen per document, not per packed row.
     packing: bool = False
+    # With packing: a chunk that no row holds whole is cut in its text (at a word start) into pieces of
+    # at least this many target tokens that fill the rows; each piece is a document of its own and
+    # offline answers are stored per piece. null: rows of whole chunks (offline answers per chunk).
+    min_piece_tokens: int | None = 16
     domains: tuple[str, ...] | None = None
     max_train_chunks: int | None = None
     max_eval_chunks: int | None = None
@@ -416,6 +420,11 @@ def validate(config: Config, check_paths: bool = True) -> Config:
         value = getattr(config.data, key)
         _check(value is None or value >= 1, f"data.{key}: must be >= 1 or null, got {value}")
     data = config.data
+    _check(data.min_piece_tokens is None or data.min_piece_tokens >= 1,
+           f"data.min_piece_tokens: must be >= 1 or null (pack whole chunks), got {data.min_piece_tokens}")
+    _check(not data.packing or data.min_piece_tokens is None or 2 * data.min_piece_tokens <= data.max_length,
+           f"data.min_piece_tokens: {data.min_piece_tokens} leaves no cut in rows of data.max_length={data.max_length} tokens "
+           f"(a cut makes two pieces of at least that many); use at most {data.max_length // 2}, or null to pack whole chunks")
     _check(bool(data.text_field), "data.text_field: must name the field holding the text, got ''")
     _check(data.domain_field != "", "data.domain_field: must name a field, or be null (a 'domain' field if there is one, else one domain)")
     _check(data.domain_field != data.text_field, f"data.domain_field: {data.domain_field!r} is also data.text_field; name the field holding the domain label")

@@ -1,6 +1,6 @@
 """The chunks a run reads: its corpus splits, chunked for every tokenizer of its config, the
 subsets that ``data.max_train_chunks`` / ``data.max_eval_chunks`` keep, and the training rows
-(packed when ``data.packing``).
+(packed when ``data.packing``, of pieces cut off the chunks when ``data.min_piece_tokens``).
 
 The trainer, the offline precompute, ``launch/evaluate.py`` and the comparison all take their
 chunks from here, so row i of a split and the rows of a subset mean the same chunks to all of them.
@@ -85,6 +85,9 @@ class RunChunks:
     reports: dict[str, DataReport]  # split name -> what chunking did
     train_rows: datasets.Dataset  # ``train`` as the rows the trainer reads: packed when data.packing (fusion.packing)
     packing: PackReport  # what packing did with ``train`` (utilisation)
+    # The split the rows' ``chunk_index`` points into, which offline answers are computed over: the
+    # pieces when packing cuts chunks (data.min_piece_tokens), else ``train_split``.
+    documents: datasets.Dataset
 
 
 def run_chunks(config: Config, tokenizers: Sequence) -> RunChunks:
@@ -95,6 +98,8 @@ def run_chunks(config: Config, tokenizers: Sequence) -> RunChunks:
     train_split, train_report = chunked_split(config, data.train_split, tokenizers)
     eval_split, eval_report = chunked_split(config, data.eval_split, tokenizers)
     train = sample(train_split.add_column("chunk_index", list(range(len(train_split)))), data.max_train_chunks, seed)
-    train_rows, packing = pack_chunks(train, tokenizers[0], data.max_length, data.packing)
+    train_rows, pieces, packing = pack_chunks(train, tokenizers[:1 + len(config.sources)], data.max_length, data.packing,
+                                              data.min_piece_tokens)
     return RunChunks(train_split, train, eval_sample(config, eval_split),
-                     {data.train_split: train_report, data.eval_split: eval_report}, train_rows, packing)
+                     {data.train_split: train_report, data.eval_split: eval_report}, train_rows, packing,
+                     train_split if pieces is None else pieces)

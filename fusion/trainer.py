@@ -90,7 +90,7 @@ class Trainer:
         self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
                                             topology.dp_rank, topology.dp_size, config.run.seed, shuffle=True)
 
-        self.sources = open_sources(config, topology, self.tokenizer, chunks.train_split, self.device,
+        self.sources = open_sources(config, topology, self.tokenizer, chunks.documents, self.device,
                                     POLICIES[config.fusion.mode].asks_sources)
         # Overlap needs sources in other processes; in-process sources answer when collected.
         self.prefetch_steps = config.topology.prefetch_steps if self.sources.overlaps else 0

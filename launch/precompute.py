@@ -5,7 +5,10 @@ write sharded sparse answers to ``fusion.answers_dir``.
 
 The chunks are those the trainer reads (same tokenizers, ``data.max_length`` and chunk cache,
 and for the training split the same ``data.max_train_chunks`` sample, drawn with
-``data.subset_seed``, default ``run.seed``); every answer keeps its row of the whole split.
+``data.subset_seed``, default ``run.seed``); every answer keeps its row of the whole split. When
+packing cuts chunks (``data.packing`` with ``data.min_piece_tokens``), the trainer's documents are
+the pieces of that sample (``fusion.packing``), and the answers are computed per piece, each
+keeping its row among the pieces.
 Several processes may share the work: rank r of W (``--rank/--world-size``, default from a
 launcher's RANK/WORLD_SIZE) computes shards r, r+W, ... An interrupted run resumes by running
 the same command again; finished shards are kept.
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fusion.precompute import precompute
     from fusion.sources.loading import DTYPES
-    from fusion.splits import chunked_split, run_tokenizers, subset_rows, subset_seed
+    from fusion.splits import chunked_split, run_chunks, run_tokenizers, subset_rows, subset_seed
 
     dtypes = {DTYPES[source.dtype] for source in config.sources}
     if len(dtypes) != 1:
@@ -65,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = None
-    if split_name == config.data.train_split:
+    if split_name == config.data.train_split and config.data.packing and config.data.min_piece_tokens is not None:
+        # The trainer's documents are pieces of its sample's chunks: answers are stored per piece.
+        corpus = run_chunks(config, tokenizers).documents
+    elif split_name == config.data.train_split:
         rows = subset_rows(len(corpus), config.data.max_train_chunks, subset_seed(config))
     if args.limit is not None:
         rows = (rows if rows is not None else list(range(len(corpus))))[:args.limit]
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = report.target_tokens / report.seconds if report.seconds else 0.0
         print(
             f"{name}: wrote {len(report.shards_written)} shards, skipped {len(report.shards_skipped)} complete ones, "
-            f"{report.sequences} chunks, {report.target_tokens} target tokens in {report.seconds:.1f} s ({rate:.0f} tokens/s)"
+            f"{report.sequences} documents, {report.target_tokens} target tokens in {report.seconds:.1f} s ({rate:.0f} tokens/s)"
         )
     print(f"total {time.perf_counter() - started:.1f} s; answers in {config.fusion.answers_dir}")
     return 0

@@ -156,6 +156,10 @@ def test_manifest_differences_name_each_setting():
     # A checkpoint from before data.packing existed trained on one chunk per row.
     assert manifest_differences({key: value for key, value in saved.items() if key != "packing"}, saved) == []
     assert manifest_differences(saved, {**saved, "packing": True}) == ["data.packing False, this run has True"]
+    # Rows of whole chunks (and checkpoints from before pieces existed) against rows of pieces cut to fill them.
+    whole = {**saved, "packing": True}
+    assert manifest_differences(whole, {**whole, "min_piece_tokens": 16}) == [
+        "data.min_piece_tokens (with data.packing) None, this run has 16"]
     current = {**saved, "sources": [saved["sources"][0], {"name": "b", "path": "elsewhere", "tokenizer_sha256": "C"}],
                "fusion": {**saved["fusion"], "top_k": 5}, "data_sha256": "fedcba9876543210"}
     assert manifest_differences(saved, current) == [

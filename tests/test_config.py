@@ -34,6 +34,10 @@ def test_defaults_fill_in_and_types_are_converted():
     assert config.selector.tau == pytest.approx(0.3) and config.selector.objective == "regression"
     assert config.fusion.lam == pytest.approx(0.9)
     assert config.sources == ()
+    assert not config.data.packing and config.data.min_piece_tokens == 16
+    # Pieces are cut only with packing; null packs whole chunks, at any max_length.
+    assert parse(base(data={"max_length": 24})).data.min_piece_tokens == 16
+    assert parse(base(data={"packing": True, "max_length": 24, "min_piece_tokens": None})).data.min_piece_tokens is None
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -54,6 +58,7 @@ def test_unknown_keys_are_named(raw, key):
     (base(fusion={"mode": "magic"}), r"fusion\.mode: 'magic' is not one of"),
     (base(trainer={"precision": "fp64"}), r"trainer\.precision: 'fp64' is not one of"),
     (base(data={"domains": "wiki"}), r"data\.domains: expected a list"),
+    (base(data={"min_piece_tokens": True}), r"data\.min_piece_tokens: expected an integer"),
     (base(sources={"name": "a"}), r"sources: expected a list"),
     ({"trainer": {}}, r"target: required key is missing"),
     (base(sources=[{"name": "a"}]), r"sources\[0\]\.path: required key is missing"),
@@ -79,6 +84,9 @@ def test_wrong_types_are_named(raw, message):
      r"selector\.min_sources: 2 exceeds the number of sources \(1\)"),
     (base(selector={"min_sources": 2, "max_sources": 1}), r"selector\.max_sources: 1 is below selector\.min_sources"),
     (base(data={"max_length": 4}), r"data\.max_length: must be >= 8"),
+    (base(data={"min_piece_tokens": 0}), r"data\.min_piece_tokens: must be >= 1 or null \(pack whole chunks\), got 0"),
+    (base(data={"packing": True, "max_length": 24, "min_piece_tokens": 16}),
+     r"data\.min_piece_tokens: 16 leaves no cut in rows of data\.max_length=24 tokens .*use at most 12, or null to pack whole chunks"),
     (base(topology={"prefetch_steps": -1}), r"topology\.prefetch_steps: must be >= 0"),
     (base(topology={"request_timeout_s": 0}), r"topology\.request_timeout_s: must be > 0 seconds"),
     (base(topology={"placement": "disaggregated"}, fusion={"mode": "min_ce", "offline": True}, sources=sources(("a", {}))),

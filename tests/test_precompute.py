@@ -373,3 +373,41 @@ def test_packed_rows_read_their_chunks_answers_live_and_offline(workspace):
         assert torch.equal(from_models.indices, expected.indices) and torch.equal(from_models.valid, expected.valid)
         torch.testing.assert_close(from_models.logprobs, expected.logprobs, atol=2e-3, rtol=0)
         torch.testing.assert_close(from_models.nll_per_byte, from_disk.nll_per_byte)
+
+
+def test_cut_packed_rows_read_their_pieces_answers_offline_as_live(workspace):
+    """When packing cuts chunks, launch/precompute.py stores one answer per piece (the trainer's documents), and
+    a packed batch of pieces reads from disk what the sources give live for each piece scored alone."""
+    from fusion.config import ConfigError, SourceConfig, load_config
+    from fusion.sources.pool import ColocatedSources, OfflineSources
+    from fusion.splits import run_chunks, run_tokenizers
+
+    root, target = workspace["root"], workspace["target"]
+    out = root / "pieces"
+    cutting = ["data.packing=true", "data.min_piece_tokens=6"]
+    assert workspace["launcher"].main([*workspace["args"], "--set", f"fusion.answers_dir={out}",
+                                       *(arg for setting in cutting for arg in ("--set", setting))]) == 0
+    config = load_config(root / "run.yaml", cutting)
+    chunks = run_chunks(config, run_tokenizers(config))
+    pieces = chunks.documents
+    assert len(pieces) > len(chunks.train)  # some chunks were cut
+    for name, _ in workspace["sources"]:
+        assert load_answers(out / name)["chunk_index"][:] == list(range(len(pieces)))
+    cut = {n for n, piece in enumerate(pieces) if piece["text"] != chunks.train_split[piece["chunk_index"]]["text"]}
+    rows = sorted(chunks.train_rows, key=lambda row: (-len(cut & set(row["chunk_index"])), -len(row["texts"])))[:3]
+    assert cut & {index for row in rows for index in row["chunk_index"]} and max(len(row["texts"]) for row in rows) >= 2
+    batch = TextBatchCollator(target, MAX_LENGTH)(rows)
+    specs = [SourceConfig(name=name, path=path) for name, path in workspace["sources"]]
+    offline = OfflineSources(specs, out, target, TOP_K, 1.0, pieces)
+    live = ColocatedSources(specs, target, TOP_K, 1.0, MAX_LENGTH, root / "cache", torch.device("cpu"))
+    chosen = torch.ones(len(rows), len(specs), dtype=torch.bool)
+    from_disk, arrived = offline.collect(offline.request(batch, chosen, step=1))
+    from_models, live_arrived = live.collect(live.request(batch, chosen, step=1))
+    assert arrived.all() and live_arrived.all()
+    for disk, models in zip(from_disk, from_models):
+        assert torch.equal(disk.indices[disk.valid], models.indices[models.valid]) and torch.equal(disk.valid, models.valid)
+        torch.testing.assert_close(disk.logprobs, models.logprobs, atol=2e-3, rtol=0)
+        torch.testing.assert_close(disk.nll_per_byte, models.nll_per_byte, atol=2e-3, rtol=0)
+    # Answers per chunk are not answers per piece: the run is refused by name, not fed the wrong ones.
+    with pytest.raises(ConfigError, match="corpus_sha256"):
+        OfflineSources(specs, root / "reference", target, TOP_K, 1.0, pieces)

@@ -17,7 +17,9 @@ def open_sources(config: Config, topology: Topology, target_tokenizer, train_chu
     """The run's sources as the trainer ranks see them.
 
     Args:
-        train_chunks: the whole chunked training split (offline answers are keyed by its rows).
+        train_chunks: the split the training rows' documents come from (``RunChunks.documents``: the
+            whole chunked training split, or its pieces when packing cuts chunks); offline answers are
+            keyed by its rows.
         asks_sources: False when the fusion policy never asks a source (the pool is then empty).
     """
     fusion, topology_config = config.fusion, config.topology

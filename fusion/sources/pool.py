@@ -63,7 +63,8 @@ class OfflineSources(InProcessSources):
     The manifest must match this run: the same target tokenizer, top-k, temperature and the
     same chunked training split (by content hash). A precompute may cover a subset of the split
     (``data.max_train_chunks``); rows are found through their stored ``chunk_index``. Answers are
-    stored per chunk, so packed rows read the answers of their chunks, placed like live ones.
+    stored per document, so packed rows read the answers of their documents, placed like live ones:
+    per chunk, or per piece when packing cuts chunks (the precompute then runs over the pieces).
 
     Raises:
         ConfigError: answers are missing for a source, were made with other settings, or (when
