@@ -18,9 +18,9 @@ tokens), so alignment and vocabulary maps do the real work.
 =========  ====================================  ======================================  ==========
 
 Rows are full-length chunks of concatenated corpus text (the documents of a domain joined by a
-blank line), chunked by the project's chunker to fit every tokenizer. Packing (``data.packing``,
-documents kept apart inside a row) is another branch: once merged, ``--packing`` sets it and
-the corpus is written as its separate documents instead.
+blank line), chunked by the project's chunker to fit every tokenizer. ``--packing`` sets
+``data.packing`` (documents kept apart inside a row, ``fusion.packing``) and writes the corpus as
+its separate documents instead.
 
 Reported per measured step (after ``--warmup`` steps): target tokens/s (real target tokens of the
 step / step time) and MFU, source target-tokens/s per source (tokens sent / its compute time),
@@ -123,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--deepspeed-config", default=str(REPO_ROOT / "ds_configs/zero3.json"),
                    help="trainer.deepspeed_config (ds_configs/zero3_offload.json: parameters and optimizer on CPU)")
-    p.add_argument("--packing", action="store_true", help="data.packing: true (needs the packing branch)")
+    p.add_argument("--packing", action="store_true", help="data.packing: true (rows of separate documents)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default torch's)")
     p.add_argument("--corpus", default=str(REPO_ROOT / "assets/corpus"),
                    help="a save_to_disk DatasetDict with train and validation splits of text and domain")

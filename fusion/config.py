@@ -126,7 +126,7 @@ class FusionConfig:
     lam: float = 0.9
     top_k: int = 10
     temperature: float = 1.0
-    sharpen_temperature: float | None = 0.1  # T_s: sharpen the gate weights by realised scores; null: no sharpening
+    sharpen_temperature: float | None = None  # T_s: sharpen the gate weights by realised scores; null: no sharpening
     answers_dir: str = "answers"  # where launch/precompute.py writes offline sparse answers
     offline: bool = False  # read sources' answers from answers_dir instead of running the models
     # Reference modes: `launch/evaluate.py --sources` JSON, the sources' held-out bits per byte per domain.
@@ -148,7 +148,9 @@ class SelectorConfig:
     # Defaults: the settings of the comparison in docs/RESULTS.md ("Real specialists").
     tau: float = 0.3  # gate-probability threshold of the selection rule
     objective: Literal["ranking", "regression"] = "regression"  # what the predictive gate learns (fusion.selection)
-    min_sources: int = 1
+    # At least this many sources per sequence (the top ones by the gate); null: two where the pool
+    # and max_sources allow (``sources_at_least``). Two good sources beat one on the same budget.
+    min_sources: int | None = None
     max_sources: int | None = 2
     beta: float = 0.0
     lr: float = 5e-3
@@ -157,6 +159,13 @@ class SelectorConfig:
     gate_temperature: float = 0.05  # T_gate: softmax(-scores / T_gate), realised (scores) or predicted (predictive)
     target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+
+    def sources_at_least(self, num_sources: int) -> int:
+        """The selection rule's minimum for a pool of ``num_sources``: ``min_sources``, or by default
+        ``min(2, max_sources, num_sources)``."""
+        if self.min_sources is not None:
+            return self.min_sources
+        return max(1, min(2, self.max_sources or num_sources, num_sources))
 
 
 @dataclass(frozen=True)
@@ -476,12 +485,14 @@ def validate(config: Config, check_paths: bool = True) -> Config:
                "fusion.mode: 'none' trains without sources; remove `sources` or use placement: colocated")
     else:
         _check(bool(config.sources), f"fusion.mode: {fusion.mode!r} needs at least one entry under `sources`")
+    if selector.min_sources is not None:
+        _check(selector.min_sources >= 1, f"selector.min_sources: must be >= 1 or null (two where possible), got {selector.min_sources}")
     if selector.max_sources is not None:
         _check(selector.max_sources >= 1, f"selector.max_sources: must be >= 1 or null, got {selector.max_sources}")
-        _check(selector.max_sources >= selector.min_sources,
-               f"selector.max_sources: {selector.max_sources} is below selector.min_sources ({selector.min_sources})")
-    _check(selector.min_sources >= 1, f"selector.min_sources: must be >= 1, got {selector.min_sources}")
-    if config.sources:
+        if selector.min_sources is not None:
+            _check(selector.max_sources >= selector.min_sources,
+                   f"selector.max_sources: {selector.max_sources} is below selector.min_sources ({selector.min_sources})")
+    if config.sources and selector.min_sources is not None:
         _check(selector.min_sources <= len(config.sources),
                f"selector.min_sources: {selector.min_sources} exceeds the number of sources ({len(config.sources)})")
 

@@ -140,6 +140,10 @@ class GatePolicy(FusionPolicy):
     def max_sources(self) -> int:
         return self.config.selector.max_sources or self.num_sources
 
+    @property
+    def min_sources(self) -> int:
+        return self.config.selector.sources_at_least(self.num_sources)
+
     def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -240,7 +244,7 @@ class Predictive(GatePolicy):
         selector = self.config.selector
         with torch.no_grad():
             gate_probs = self._gate_logits(batch, [], available).softmax(-1).cpu()
-        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, exploration_rate, self.generator,
+        return select(gate_probs, selector.tau, self.min_sources, self.max_sources, exploration_rate, self.generator,
                       available)
 
 
@@ -260,7 +264,7 @@ class Scores(GatePolicy):
 
     def _chosen(self, gate_probs: Tensor, ran: Tensor) -> Tensor:
         selector = self.config.selector
-        return select(gate_probs, selector.tau, selector.min_sources, self.max_sources, 0.0, available_mask=ran.any(0))
+        return select(gate_probs, selector.tau, self.min_sources, self.max_sources, 0.0, available_mask=ran.any(0))
 
 
 class ReferencePolicy(FusionPolicy):

@@ -40,6 +40,15 @@ def test_defaults_fill_in_and_types_are_converted():
     assert parse(base(data={"packing": True, "max_length": 24, "min_piece_tokens": None})).data.min_piece_tokens is None
 
 
+@pytest.mark.parametrize("selector, pool, expected", [
+    ({}, 6, 2), ({}, 1, 1), ({"max_sources": 1}, 6, 1), ({"max_sources": None}, 3, 2),
+    ({"min_sources": 3, "max_sources": 4}, 6, 3), ({"min_sources": 1}, 6, 1),
+])
+def test_two_sources_per_sequence_by_default_where_the_pool_allows(selector, pool, expected):
+    config = parse(base(fusion={"mode": "predictive"}, sources=sources(*((f"s{n}", {}) for n in range(pool))), selector=selector))
+    assert config.selector.sources_at_least(pool) == expected
+
+
 @pytest.mark.parametrize("raw, key", [
     (base(trainr={"lr": 1.0}), "trainr: unknown key; did you mean 'trainer'?"),
     (base(trainer={"learning_rate": 1.0}), "trainer.learning_rate: unknown key"),

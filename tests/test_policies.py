@@ -80,7 +80,7 @@ def test_nothing_answered_means_no_weight_and_nothing_learnt():
 
 
 def test_predictive_chooses_by_threshold_before_any_source_runs():
-    policy = make("predictive", objective="ranking", tau=0.3, max_sources=2,
+    policy = make("predictive", objective="ranking", tau=0.3, min_sources=1, max_sources=2,
                   exploration={"start": 0.0, "end": 0.0, "decay_steps": 1, "measure_steps": 0})
     with torch.no_grad():
         probs = policy.selector(BATCH["input_ids"], BATCH["attention_mask"]).softmax(-1)
