@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from fusion.config import SourceConfig
 from fusion.sources.answer import to_arrow
 from fusion.sources.loading import build_scorer, load_causal_lm, vocab_size_of
 from fusion.sources.scoring import SourceScorer, encode_with_offsets
@@ -67,7 +68,7 @@ def score_rows(
 
 
 def precompute(
-    sources: Sequence[tuple[str, str | Path]],
+    sources: Sequence[SourceConfig],
     target_tokenizer,
     corpus: datasets.Dataset,
     out_dir: str | Path,
@@ -80,7 +81,6 @@ def precompute(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
-    model_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 512,
     progress: bool = True,
     rows: Sequence[int] | None = None,
@@ -88,7 +88,8 @@ def precompute(
     """Write this rank's shards of sparse answers of every source over ``corpus``.
 
     Args:
-        sources: ``(name, model_dir)`` pairs; ``model_dir`` holds a HF CausalLM and its tokenizer.
+        sources: the run's sources; each ``path`` holds a HF CausalLM and its tokenizer, which runs in
+            the source's ``dtype`` with its ``attention``.
         target_tokenizer: fast tokenizer whose positions and ids the answers use.
         corpus: the chunked split, a ``datasets.Dataset`` with a ``text`` column.
         out_dir: output root; answers of source ``name`` go to ``out_dir/name/``.
@@ -97,7 +98,7 @@ def precompute(
         top_k, temperature: see :class:`fusion.sources.scoring.SourceScorer`.
         batch_size: sequences per forward pass.
         rank, world_size: this process computes shards rank, rank+world_size, ...
-        device, model_dtype: where and in which dtype source models run.
+        device: where source models run.
         chunk_rows: rows of full-vocabulary log-softmax held at once.
         progress: show a tqdm bar per source.
         rows: the rows of ``corpus`` to compute, in this order (default: all); answers keep their
@@ -110,7 +111,7 @@ def precompute(
         ValueError: duplicate source names, a bad rank, the corpus has no ``text`` column, a row
             outside the corpus, or an existing output folder was made with other settings.
     """
-    names = [name for name, _ in sources]
+    names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
     if "text" not in corpus.column_names:
@@ -137,24 +138,24 @@ def precompute(
         ],
     }
     reports = {}
-    for name, model_dir in sources:
-        source_dir = Path(out_dir) / name
-        source_tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        manifest = dict(base, source=name, model_dir=str(model_dir), source_tokenizer_sha256=tokenizer_sha256(source_tokenizer))
+    for source in sources:
+        source_dir = Path(out_dir) / source.name
+        source_tokenizer = AutoTokenizer.from_pretrained(source.path)
+        manifest = dict(base, source=source.name, model_dir=str(source.path), dtype=source.dtype,
+                        source_tokenizer_sha256=tokenizer_sha256(source_tokenizer))
         ensure_manifest(source_dir, manifest)
-        reports[name] = _run_source(
-            source_dir, model_dir, target_tokenizer, corpus, chunk_index, ranges, mine, vocab_map_dir=Path(out_dir) / VOCAB_MAPS,
+        reports[source.name] = _run_source(
+            source_dir, source, target_tokenizer, corpus, chunk_index, ranges, mine, vocab_map_dir=Path(out_dir) / VOCAB_MAPS,
             max_length=max_length, top_k=top_k, temperature=temperature, batch_size=batch_size,
-            device=device, model_dtype=model_dtype, chunk_rows=chunk_rows, progress=progress,
-            desc=f"precompute {name} [rank {rank}/{world_size}]",
+            device=device, chunk_rows=chunk_rows, progress=progress, desc=f"precompute {source.name} [rank {rank}/{world_size}]",
         )
     return reports
 
 
 def _run_source(
-    source_dir: Path, model_dir, target_tokenizer, corpus: datasets.Dataset, chunk_index: list[int],
+    source_dir: Path, source: SourceConfig, target_tokenizer, corpus: datasets.Dataset, chunk_index: list[int],
     ranges: list[tuple[int, int]], mine: range,
-    *, vocab_map_dir: Path, max_length, top_k, temperature, batch_size, device, model_dtype, chunk_rows, progress, desc,
+    *, vocab_map_dir: Path, max_length, top_k, temperature, batch_size, device, chunk_rows, progress, desc,
 ) -> SourceReport:
     report = SourceReport()
     pending = []
@@ -164,8 +165,8 @@ def _run_source(
     if not pending:
         return report
     started = time.perf_counter()
-    model = load_causal_lm(model_dir, model_dtype).to(device)
-    scorer = build_scorer(model, vocab_size_of(model), model_dir, target_tokenizer, top_k=top_k, temperature=temperature,
+    model = load_causal_lm(source.path, source.dtype, source.attention).to(device)
+    scorer = build_scorer(model, vocab_size_of(model), source.path, target_tokenizer, top_k=top_k, temperature=temperature,
                           max_length=max_length, vocab_map_dir=vocab_map_dir, device=device, chunk_rows=chunk_rows)
     by_name = {shard_file(i, len(ranges)): ranges[i] for i in mine}
     with tqdm(total=sum(by_name[n][1] - by_name[n][0] for n in pending), desc=desc, unit="seq", disable=not progress) as bar:

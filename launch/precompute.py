@@ -52,13 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: sources: the config lists no sources to precompute", file=sys.stderr)
         return 2
     from fusion.precompute import precompute
-    from fusion.sources.loading import DTYPES
     from fusion.splits import chunked_split, run_chunks, run_tokenizers, subset_rows, subset_seed
 
-    dtypes = {DTYPES[source.dtype] for source in config.sources}
-    if len(dtypes) != 1:
-        print("error: sources[*].dtype: precompute runs every source in one dtype; make them equal", file=sys.stderr)
-        return 2
     tokenizers = run_tokenizers(config)
     target_tokenizer = tokenizers[0]
     split_name = args.split or config.data.train_split
@@ -78,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         reports = precompute(
-            [(source.name, source.path) for source in config.sources], target_tokenizer, corpus,
+            config.sources, target_tokenizer, corpus,
             Path(config.fusion.answers_dir),
             max_length=config.data.max_length, shard_size=args.shard_size, top_k=config.fusion.top_k,
             temperature=config.fusion.temperature, batch_size=args.batch_size, rank=args.rank, world_size=args.world_size,
-            device=args.device, model_dtype=dtypes.pop(), progress=not args.no_progress, rows=rows,
+            device=args.device, progress=not args.no_progress, rows=rows,
         )
     except ValueError as error:  # bad --rank/--shard-size, or an answers folder made with other settings
         print(f"error: {error}", file=sys.stderr)

@@ -19,6 +19,7 @@ import yaml
 from transformers import AutoTokenizer
 from test_scoring import byte_level_tokenizer, metaspace_tokenizer, tiny_llama
 
+from fusion.config import SourceConfig
 from fusion.data import TextBatchCollator, build_chunked_split
 from fusion.precompute import precompute
 from fusion.sources.loading import load_causal_lm
@@ -157,19 +158,51 @@ def test_reference_run_writes_every_shard_and_manifest(workspace):
         assert stored["chunk_index"][:] == list(range(len(corpus)))
 
 
-def test_stored_answers_equal_direct_scoring(workspace):
-    """Rows on disk (joined by chunk_index) equal the scorer's answer for the same chunks."""
-    name, path = workspace["sources"][0]
-    model, source_tokenizer = load_causal_lm(path, torch.float32), AutoTokenizer.from_pretrained(path)
+def direct_answer(workspace, path, dtype, rows):
+    """The scorer's answer for ``rows`` of the corpus, the model loaded here in ``dtype``."""
+    model, source_tokenizer = load_causal_lm(path, dtype), AutoTokenizer.from_pretrained(path)
     vocab_map = VocabMap.build(source_tokenizer, workspace["target"], model.config.vocab_size)
     scorer = SourceScorer(model, source_tokenizer, workspace["target"], vocab_map, top_k=TOP_K, max_length=MAX_LENGTH)
-    rows = [0, 4, 5]
-    direct = scorer.score([workspace["corpus"][r]["text"] for r in rows])
-    stored = load_answers(workspace["root"] / "reference" / name).with_format("arrow")
+    return scorer.score([workspace["corpus"][r]["text"] for r in rows])
+
+
+def assert_stored_equal(answers_dir, rows, direct):
+    stored = load_answers(answers_dir).with_format("arrow")
     loaded = from_arrow(pa.concat_tables([stored[r : r + 1] for r in rows]), length=direct.length)
     assert torch.equal(loaded.indices, direct.indices) and torch.equal(loaded.valid, direct.valid)
     torch.testing.assert_close(loaded.logprobs.float(), direct.logprobs.float(), atol=2e-3, rtol=0)
     torch.testing.assert_close(loaded.nll_per_byte, direct.nll_per_byte)
+
+
+def test_stored_answers_equal_direct_scoring(workspace):
+    """Rows on disk (joined by chunk_index) equal the scorer's answer for the same chunks."""
+    name, path = workspace["sources"][0]
+    rows = [0, 4, 5]
+    assert_stored_equal(workspace["root"] / "reference" / name, rows, direct_answer(workspace, path, torch.float32, rows))
+
+
+def test_each_source_runs_in_its_own_dtype_and_attention(workspace, tmp_path, monkeypatch):
+    """A bf16 source with eager attention beside an fp32 one with sdpa: the models precompute runs
+    are in those dtypes and attention implementations, the fp32 source's answers equal direct
+    scoring, and the manifest records the dtype."""
+    import fusion.precompute
+
+    ran = {}
+
+    def load_and_record(path, dtype, attention="sdpa"):
+        model = load_causal_lm(path, dtype, attention)
+        ran[Path(path).name] = (model.dtype, model.config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(fusion.precompute, "load_causal_lm", load_and_record)
+    (alpha, alpha_path), (beta, beta_path) = workspace["sources"]
+    sources = [SourceConfig(alpha, alpha_path, dtype="bf16", attention="eager"), SourceConfig(beta, beta_path)]
+    precompute(sources, workspace["target"], workspace["corpus"], tmp_path, max_length=MAX_LENGTH, shard_size=3,
+               top_k=TOP_K, batch_size=2, progress=False)
+    assert ran == {alpha: (torch.bfloat16, "eager"), beta: (torch.float32, "sdpa")}
+    rows = list(range(len(workspace["corpus"])))
+    assert_stored_equal(tmp_path / beta, rows, direct_answer(workspace, beta_path, torch.float32, rows))
+    assert [read_manifest(tmp_path / name)["dtype"] for name in (alpha, beta)] == ["bf16", "fp32"]
 
 
 def test_bytes_per_token_within_budget(workspace, tmp_path):
@@ -238,7 +271,7 @@ def test_two_ranks_in_parallel_match_one_rank(workspace):
     def run(rank: int) -> None:
         try:
             precompute(
-                workspace["sources"], workspace["target"], workspace["corpus"], out, max_length=MAX_LENGTH,
+                [SourceConfig(name, path) for name, path in workspace["sources"]], workspace["target"], workspace["corpus"], out, max_length=MAX_LENGTH,
                 shard_size=3, top_k=TOP_K, batch_size=2, rank=rank, world_size=2, progress=False,
             )
         except Exception as error:  # re-raised in the main thread below
@@ -257,7 +290,7 @@ def test_two_ranks_in_parallel_match_one_rank(workspace):
 def test_other_settings_in_an_existing_folder_are_refused(workspace):
     with pytest.raises(ValueError, match="top_k"):
         precompute(
-            workspace["sources"][:1], workspace["target"], workspace["corpus"], workspace["root"] / "reference",
+            [SourceConfig(*workspace["sources"][0])], workspace["target"], workspace["corpus"], workspace["root"] / "reference",
             max_length=MAX_LENGTH, shard_size=3, top_k=TOP_K + 1, progress=False,
         )
 
