@@ -203,6 +203,9 @@ def test_each_source_runs_in_its_own_dtype_and_attention(workspace, tmp_path, mo
     rows = list(range(len(workspace["corpus"])))
     assert_stored_equal(tmp_path / beta, rows, direct_answer(workspace, beta_path, torch.float32, rows))
     assert [read_manifest(tmp_path / name)["dtype"] for name in (alpha, beta)] == ["bf16", "fp32"]
+    with pytest.raises(ValueError, match="dtype: 'bf16' there vs 'fp32' now"):  # no mixing of answers across dtypes
+        precompute([SourceConfig(alpha, alpha_path)], workspace["target"], workspace["corpus"], tmp_path,
+                   max_length=MAX_LENGTH, shard_size=3, top_k=TOP_K, batch_size=2, progress=False)
 
 
 def test_bytes_per_token_within_budget(workspace, tmp_path):

@@ -34,7 +34,7 @@ VOCAB_MAPS = "vocab_maps"
 FORMAT = "fusion.sparse_answers/1"
 # Manifest entries that must agree for a resumed run to extend an existing output folder.
 SETTINGS = ("format", "source", "source_tokenizer_sha256", "target_tokenizer_sha256", "corpus_sha256",
-            "num_rows", "rows_sha256", "shard_size", "top_k", "temperature", "max_length", "logprob_dtype")
+            "num_rows", "rows_sha256", "shard_size", "top_k", "temperature", "max_length", "logprob_dtype", "dtype")
 
 
 def corpus_sha256(corpus: datasets.Dataset) -> str:
