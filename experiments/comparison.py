@@ -291,18 +291,17 @@ def held_out_routing(config, selector_file: str | Path, texts: Sequence[str], do
         texts, domains: held-out chunks that fit the target's ``data.max_length``.
     """
     import torch
-    from transformers import AutoTokenizer
-
     from fusion.data import TextBatchCollator
-    from fusion.policies import make_policy
+    from fusion.policies import make_policy, tokenizer_families
+    from fusion.splits import run_tokenizers
 
     state = torch.load(selector_file, weights_only=False)
     names = [source.name for source in config.sources]
     if state["sources"] != names:
         raise ValueError(f"{selector_file} routes {state['sources']}, not the run's sources {names}")
-    tokenizer = AutoTokenizer.from_pretrained(config.target)
+    tokenizer, *source_tokenizers = run_tokenizers(config)
     policy = make_policy(config, len(names), vocab_size=len(tokenizer), device=torch.device("cpu"), seed=0,
-                         average_gradients=lambda gradients: None)
+                         average_gradients=lambda gradients: None, families=tokenizer_families(source_tokenizers))
     policy.load_state_dict(state)
     collate = TextBatchCollator(tokenizer, config.data.max_length)
     available = torch.ones(len(names), dtype=torch.bool)

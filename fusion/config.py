@@ -152,6 +152,9 @@ class SelectorConfig:
     # and max_sources allow (``sources_at_least``). Two good sources beat one on the same budget.
     min_sources: int | None = None
     max_sources: int | None = 2
+    # The chosen sources of a sequence come from distinct tokenizers where the pool has enough
+    # (``fusion.selection.select``): two sources with one tokenizer answer at the same positions.
+    distinct_tokenizers: bool = False
     beta: float = 0.0
     lr: float = 5e-3
     embedding_dim: int = 64

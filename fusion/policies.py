@@ -28,6 +28,7 @@ from fusion.fusion_weights import chosen_weights, sharpen_weights
 from fusion.selection import (SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss,
                               selector_regression_loss)
 from fusion.sources.answer import SparseSoftLabels
+from fusion.vocab_map import tokenizer_sha256
 
 # Stands in for the score of a row a source did not answer (masked out of the weights anyway).
 UNANSWERED_NLL = 1e9
@@ -118,15 +119,20 @@ class GatePolicy(FusionPolicy):
         device: where the selector runs.
         seed: seed of this rank's exploration draws.
         average_gradients: averages the selector's gradients over the trainer ranks in place.
+        families: each source's tokenizer family (``tokenizer_families``), read with
+            ``selector.distinct_tokenizers``.
     """
 
     features: ClassVar[str]
     learns = True
 
     def __init__(self, config: Config, num_sources: int, *, vocab_size: int, device: torch.device, seed: int,
-                 average_gradients: Callable[[Iterable[Tensor]], None]):
+                 average_gradients: Callable[[Iterable[Tensor]], None], families: Sequence[int]):
         super().__init__(config, num_sources)
         selector = config.selector
+        if len(families) != num_sources:
+            raise ValueError(f"families has {len(families)} entries for {num_sources} sources")
+        self.families = torch.tensor(list(families)) if selector.distinct_tokenizers else None
         self.device = device
         self.selector = SelectionNetwork(num_sources, self.features, vocab_size=vocab_size, embed_dim=selector.embedding_dim,
                                          hidden_dim=selector.hidden_dim,
@@ -245,7 +251,7 @@ class Predictive(GatePolicy):
         with torch.no_grad():
             gate_probs = self._gate_logits(batch, [], available).softmax(-1).cpu()
         return select(gate_probs, selector.tau, self.min_sources, self.max_sources, exploration_rate, self.generator,
-                      available)
+                      available, self.families)
 
 
 class Scores(GatePolicy):
@@ -264,7 +270,8 @@ class Scores(GatePolicy):
 
     def _chosen(self, gate_probs: Tensor, ran: Tensor) -> Tensor:
         selector = self.config.selector
-        return select(gate_probs, selector.tau, self.min_sources, self.max_sources, 0.0, available_mask=ran.any(0))
+        return select(gate_probs, selector.tau, self.min_sources, self.max_sources, 0.0, available_mask=ran.any(0),
+                      families=self.families)
 
 
 class ReferencePolicy(FusionPolicy):
@@ -327,6 +334,12 @@ class StaticTopK(ReferencePolicy):
 POLICIES: dict[str, type[FusionPolicy]] = {policy.name: policy for policy in
                                            (NoFusion, AllUniform, MinCE, AvgCE, Scores, Predictive, DomainOracle,
                                             BestSingle, StaticTopK)}
+
+
+def tokenizer_families(source_tokenizers: Sequence) -> list[int]:
+    """Per source, the index of the first source with the same tokenizer (``selector.distinct_tokenizers``)."""
+    hashes = [tokenizer_sha256(tokenizer) for tokenizer in source_tokenizers]
+    return [hashes.index(digest) for digest in hashes]
 
 
 def make_policy(config: Config, num_sources: int, **gate_arguments) -> FusionPolicy:

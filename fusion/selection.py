@@ -21,6 +21,11 @@ Selection (``select``)
     ``(g > tau and r < max_sources) or r < min_sources``. With probability
     ``exploration_rate`` one more available, unchosen source (uniformly at random) is added,
     so a sequence may get ``max_sources + 1`` sources.
+    With ``families`` (``selector.distinct_tokenizers``: sources that share a tokenizer are one
+    family), the ranking puts every source whose family already has a better-ranked available
+    source after all the others, so the chosen come from distinct families where the pool has
+    enough of them: two sources with one tokenizer answer at the same positions from the same
+    vocabulary, and the second adds less than a source of another family.
 
 Selector objectives
     ``ranking`` (``selector_loss``, the paper's) or ``regression`` (``selector_regression_loss``).
@@ -198,6 +203,7 @@ def select(
     exploration_rate: float,
     generator: torch.Generator | None = None,
     available_mask: Tensor | None = None,
+    families: Tensor | None = None,
 ) -> Tensor:
     """Choose the sources that run for each sequence (rule in the module docstring).
 
@@ -209,6 +215,8 @@ def select(
         exploration_rate: probability per sequence of adding one unchosen available source.
         generator: RNG for exploration, on ``probs``' device (one per rank for reproducible runs).
         available_mask: ``[S]`` bool, false for sources that are down; default all available.
+        families: ``[S]`` integer family of each source (equal: same tokenizer); default none, so
+            every source ranks by ``probs`` alone.
 
     Returns:
         ``[B, S]`` bool chosen mask; never chooses an unavailable source.
@@ -227,10 +235,16 @@ def select(
     if not bool(available.any()):
         raise ValueError("no source is available; at least one source must be up to select from")
 
+    if families is not None and families.shape != (sources,):
+        raise ValueError(f"families must be [S] = [{sources}], got shape {tuple(families.shape)}")
     # Unavailable sources rank below every real probability and are masked out at the end.
-    ranked_probs = torch.where(available, probs.detach().float(), -1.0)
-    order = ranked_probs.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(sources, device=probs.device).expand(batch, -1))
+    ranked_probs = torch.where(available, probs.detach().float(), -3.0)
+    rank = _ranks(ranked_probs)
+    if families is not None:
+        # A source whose family has a better-ranked available source ranks after the first of every family.
+        same = families.to(probs.device)[:, None] == families.to(probs.device)[None, :]  # [S, S]
+        second = (same & available[None, :] & (rank[:, None, :] < rank[:, :, None])).any(-1)  # [B, S]
+        rank = _ranks(ranked_probs - 2.0 * (second & available))
     chosen = ((ranked_probs > tau) & (rank < max_sources)) | (rank < min_sources)
     chosen &= available
 
@@ -242,6 +256,12 @@ def select(
         add = explore & candidates.any(dim=1)
         chosen[add, pick[add]] = True
     return chosen
+
+
+def _ranks(keys: Tensor) -> Tensor:
+    """``[B, S]`` 0-based rank of every source in its row by ``keys``, highest first (ties: lower index first)."""
+    order = keys.argsort(dim=1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand(keys.shape[0], -1))
 
 
 def exploration_rate_at(step: int, start: float, end: float, decay_steps: int, schedule: str = "linear") -> float:

@@ -33,7 +33,7 @@ from fusion.finished import FINISHED, write_finished
 from fusion.fusion_weights import FusedSoftTarget, empty_soft_target, fuse_soft_labels
 from fusion.metrics import MetricsLogger, RunProgress, TrainResult, data_scalars, eval_scalars
 from fusion.packing import utilisation
-from fusion.policies import POLICIES, make_policy
+from fusion.policies import POLICIES, make_policy, tokenizer_families
 from fusion.routing import Routing
 from fusion.sources.base import close_and_summarise, counter_scalars, wait_scalars
 from fusion.sources.placement import open_sources
@@ -96,7 +96,8 @@ class Trainer:
         self.prefetch_steps = config.topology.prefetch_steps if self.sources.overlaps else 0
         # Exploration draws differ per rank (different sequences) but are reproducible.
         self.policy = make_policy(config, len(self.sources.names), vocab_size=len(self.tokenizer), device=self.device,
-                                  seed=config.run.seed + topology.dp_rank, average_gradients=topology.trainer_mean_)
+                                  seed=config.run.seed + topology.dp_rank, average_gradients=topology.trainer_mean_,
+                                  families=tokenizer_families(tokenizers[1:]))
         # Without sources the loss is the LM term alone, at full weight.
         self.lam = config.fusion.lam if self.sources.names else 1.0
         self.routing = Routing(sorted(set(self.train_data["domain"])), self.sources.names)

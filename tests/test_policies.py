@@ -32,7 +32,7 @@ def answers(nll_per_token: list[list[float]], nll_per_byte: list[list[float]]) -
 
 def make(mode: str, **selector):
     return make_policy(config(mode, **selector), 3, vocab_size=17, device=torch.device("cpu"), seed=0,
-                       average_gradients=lambda grads: None)
+                       average_gradients=lambda grads: None, families=[0, 1, 2])
 
 
 BATCH = {"input_ids": torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 1, 2, 3, 4]]),

@@ -55,6 +55,54 @@ def test_select_honours_tau_min_max_and_unavailable():
         select(probs, 0.15, 3, 2, 0.0)
 
 
+def test_select_with_families_prefers_distinct_tokenizers_hand_computed():
+    probs = torch.tensor([[0.50, 0.30, 0.15, 0.05],
+                          [0.10, 0.20, 0.30, 0.40],
+                          [0.40, 0.35, 0.20, 0.05]])
+    families = torch.tensor([0, 0, 1, 1])  # sources 0 and 1 share a tokenizer, so do 2 and 3
+    chosen = select(probs, tau=0.3, min_sources=2, max_sources=2, exploration_rate=0.0, families=families)
+    # row 0: 0 then (1 is a second of family 0) 2; row 1: 3 then 1; row 2: 0 then 2, although 1 is above tau
+    assert torch.equal(chosen, as_mask([{0, 2}, {3, 1}, {0, 2}], 4))
+    # One family: the rule falls back to the best ones by probability.
+    assert torch.equal(select(probs, 0.3, 2, 2, 0.0, families=torch.zeros(4, dtype=torch.long)),
+                       select(probs, 0.3, 2, 2, 0.0))
+    # The first of a family that is down does not hide the family's next source.
+    down = torch.tensor([False, True, True, True])
+    assert torch.equal(select(probs, 0.3, 2, 2, 0.0, available_mask=down, families=families), as_mask([{1, 2}, {3, 1}, {1, 2}], 4))
+    with pytest.raises(ValueError, match="families"):
+        select(probs, 0.3, 2, 2, 0.0, families=torch.tensor([0, 1]))
+
+
+def _select_brute_force(probs, tau, min_sources, max_sources, available, families):
+    """The rule one row at a time: rank by probability (ties: lower index), move every source whose
+    family has an earlier available source behind the rest (keeping order), then apply tau/min/max."""
+    chosen = torch.zeros(probs.shape, dtype=torch.bool)
+    for b in range(probs.shape[0]):
+        order = sorted((s for s in range(probs.shape[1]) if available[s]), key=lambda s: (-float(probs[b, s]), s))
+        seen, firsts, seconds = set(), [], []
+        for s in order:
+            (seconds if int(families[s]) in seen else firsts).append(s)
+            seen.add(int(families[s]))
+        for rank, s in enumerate(firsts + seconds):
+            chosen[b, s] = (probs[b, s] > tau and rank < max_sources) or rank < min_sources
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_select_with_families_equals_the_brute_force_rule(seed):
+    generator = torch.Generator().manual_seed(seed)
+    sources = int(torch.randint(1, 7, (1,), generator=generator))
+    probs = torch.randint(0, 5, (16, sources), generator=generator).float().softmax(-1)  # coarse: many ties
+    families = torch.randint(0, 3, (sources,), generator=generator)
+    available = torch.rand(sources, generator=generator) < 0.8
+    available[int(torch.randint(0, sources, (1,), generator=generator))] = True
+    max_sources = int(torch.randint(1, sources + 1, (1,), generator=generator))
+    min_sources = int(torch.randint(1, max_sources + 1, (1,), generator=generator))
+    tau = float(torch.rand(1, generator=generator)) * 0.5
+    chosen = select(probs, tau, min_sources, max_sources, 0.0, available_mask=available, families=families)
+    assert torch.equal(chosen, _select_brute_force(probs, tau, min_sources, max_sources, available, families))
+
+
 def test_exploration_rate_is_statistically_right():
     batch, rate = 20000, 0.3
     probs = torch.tensor([0.9, 0.04, 0.03, 0.02, 0.01]).expand(batch, -1)
