@@ -165,3 +165,27 @@ def test_predictive_measures_every_source_first_then_chooses_by_predicted_score(
     restored = make("predictive", objective="regression")
     restored.load_state_dict(policy.state_dict())
     assert bool(restored.selector.output_initialised)
+
+
+@pytest.mark.parametrize("distinct, second", [(False, 1), (True, 2)])
+def test_predictive_takes_its_second_source_from_another_tokenizer_when_asked(distinct, second):
+    """Sources 0 and 1 share a tokenizer; measured scores 0.5, 0.7, 0.9: the two best are 0 and 1,
+    the best pair of distinct tokenizers is 0 and 2."""
+    policy = make_policy(config("predictive", objective="regression", max_sources=2, distinct_tokenizers=distinct,
+                                exploration={"start": 0.0, "end": 0.0, "decay_steps": 1, "measure_steps": 1}),
+                         3, vocab_size=17, device=torch.device("cpu"), seed=0, average_gradients=lambda grads: None,
+                         families=[0, 0, 2])
+    per_byte = [[0.5, 0.7, 0.9]] * B
+    policy.learn(BATCH, answers(per_byte, per_byte), torch.ones(B, 3, dtype=torch.bool))
+    chosen = policy.choose(BATCH, torch.ones(3, dtype=torch.bool), step=1)
+    assert chosen.tolist() == [[True, second == 1, second == 2]] * B
+
+
+def test_tokenizer_families_group_identical_tokenizers():
+    from test_scoring import byte_level_tokenizer, metaspace_tokenizer
+
+    from fusion.policies import tokenizer_families
+
+    tokenizers = [byte_level_tokenizer(301, bos=True), metaspace_tokenizer(157), byte_level_tokenizer(301, bos=True),
+                  byte_level_tokenizer(263, bos=False)]
+    assert tokenizer_families(tokenizers) == [0, 1, 0, 3]
