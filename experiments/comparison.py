@@ -291,6 +291,7 @@ def held_out_routing(config, selector_file: str | Path, texts: Sequence[str], do
         texts, domains: held-out chunks that fit the target's ``data.max_length``.
     """
     import torch
+
     from fusion.data import TextBatchCollator
     from fusion.policies import make_policy, tokenizer_families
     from fusion.splits import run_tokenizers
