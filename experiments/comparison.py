@@ -291,18 +291,22 @@ def held_out_routing(config, selector_file: str | Path, texts: Sequence[str], do
         texts, domains: held-out chunks that fit the target's ``data.max_length``.
     """
     import torch
+    from transformers import AutoTokenizer
 
     from fusion.data import TextBatchCollator
     from fusion.policies import make_policy, tokenizer_families
-    from fusion.splits import run_tokenizers
+    from fusion.vocab_map import tokenizer_sha256
 
     state = torch.load(selector_file, weights_only=False)
     names = [source.name for source in config.sources]
     if state["sources"] != names:
         raise ValueError(f"{selector_file} routes {state['sources']}, not the run's sources {names}")
-    tokenizer, *source_tokenizers = run_tokenizers(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.target)
+    families = None
+    if config.selector.distinct_tokenizers:
+        families = tokenizer_families([tokenizer_sha256(AutoTokenizer.from_pretrained(source.path)) for source in config.sources])
     policy = make_policy(config, len(names), vocab_size=len(tokenizer), device=torch.device("cpu"), seed=0,
-                         average_gradients=lambda gradients: None, families=tokenizer_families(source_tokenizers))
+                         average_gradients=lambda gradients: None, families=families)
     policy.load_state_dict(state)
     collate = TextBatchCollator(tokenizer, config.data.max_length)
     available = torch.ones(len(names), dtype=torch.bool)

@@ -28,7 +28,6 @@ from fusion.fusion_weights import chosen_weights, sharpen_weights
 from fusion.selection import (SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss,
                               selector_regression_loss)
 from fusion.sources.answer import SparseSoftLabels
-from fusion.vocab_map import tokenizer_sha256
 
 # Stands in for the score of a row a source did not answer (masked out of the weights anyway).
 UNANSWERED_NLL = 1e9
@@ -119,19 +118,19 @@ class GatePolicy(FusionPolicy):
         device: where the selector runs.
         seed: seed of this rank's exploration draws.
         average_gradients: averages the selector's gradients over the trainer ranks in place.
-        families: each source's tokenizer family (``tokenizer_families``), read with
-            ``selector.distinct_tokenizers``.
+        families: each source's tokenizer family (``tokenizer_families``); needed with
+            ``selector.distinct_tokenizers``, unread without it.
     """
 
     features: ClassVar[str]
     learns = True
 
     def __init__(self, config: Config, num_sources: int, *, vocab_size: int, device: torch.device, seed: int,
-                 average_gradients: Callable[[Iterable[Tensor]], None], families: Sequence[int]):
+                 average_gradients: Callable[[Iterable[Tensor]], None], families: Sequence[int] | None = None):
         super().__init__(config, num_sources)
         selector = config.selector
-        if len(families) != num_sources:
-            raise ValueError(f"families has {len(families)} entries for {num_sources} sources")
+        if selector.distinct_tokenizers and (families is None or len(families) != num_sources):
+            raise ValueError(f"selector.distinct_tokenizers needs the tokenizer family of each of the {num_sources} sources")
         self.families = torch.tensor(list(families)) if selector.distinct_tokenizers else None
         self.device = device
         self.selector = SelectionNetwork(num_sources, self.features, vocab_size=vocab_size, embed_dim=selector.embedding_dim,
@@ -336,10 +335,10 @@ POLICIES: dict[str, type[FusionPolicy]] = {policy.name: policy for policy in
                                             BestSingle, StaticTopK)}
 
 
-def tokenizer_families(source_tokenizers: Sequence) -> list[int]:
-    """Per source, the index of the first source with the same tokenizer (``selector.distinct_tokenizers``)."""
-    hashes = [tokenizer_sha256(tokenizer) for tokenizer in source_tokenizers]
-    return [hashes.index(digest) for digest in hashes]
+def tokenizer_families(tokenizer_hashes: Sequence[str]) -> list[int]:
+    """Per source, the index of the first source with the same tokenizer (``selector.distinct_tokenizers``),
+    from each source's ``fusion.vocab_map.tokenizer_sha256``."""
+    return [list(tokenizer_hashes).index(digest) for digest in tokenizer_hashes]
 
 
 def make_policy(config: Config, num_sources: int, **gate_arguments) -> FusionPolicy:

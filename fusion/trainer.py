@@ -84,7 +84,8 @@ class Trainer:
         for name, rows in ((data.train_split, chunks.train), (data.eval_split, chunks.eval)):
             self.metrics.info(f"data {name}: {len(rows)} chunks of <= {data.max_length} tokens ({chunks.reports[name]})")
         self.metrics.info(f"data {data.train_split} rows ({'packed' if data.packing else 'one chunk each'}): {chunks.packing}")
-        self.checkpoints = Checkpoints(self.checkpoint_dir, run_manifest(config, tokenizers, chunks.train), config.trainer.keep_last,
+        manifest = run_manifest(config, tokenizers, chunks.train)
+        self.checkpoints = Checkpoints(self.checkpoint_dir, manifest, config.trainer.keep_last,
                                        topology.is_logging_rank, topology.trainer_group, topology.dp_size, self.metrics.info)
         self.collator = TextBatchCollator(self.tokenizer, data.max_length)
         self.train_loader = make_dataloader(self.train_data, self.collator, config.trainer.micro_batch_size,
@@ -97,7 +98,7 @@ class Trainer:
         # Exploration draws differ per rank (different sequences) but are reproducible.
         self.policy = make_policy(config, len(self.sources.names), vocab_size=len(self.tokenizer), device=self.device,
                                   seed=config.run.seed + topology.dp_rank, average_gradients=topology.trainer_mean_,
-                                  families=tokenizer_families(tokenizers[1:]))
+                                  families=tokenizer_families([source["tokenizer_sha256"] for source in manifest["sources"]]))
         # Without sources the loss is the LM term alone, at full weight.
         self.lam = config.fusion.lam if self.sources.names else 1.0
         self.routing = Routing(sorted(set(self.train_data["domain"])), self.sources.names)

@@ -185,7 +185,8 @@ def test_tokenizer_families_group_identical_tokenizers():
     from test_scoring import byte_level_tokenizer, metaspace_tokenizer
 
     from fusion.policies import tokenizer_families
+    from fusion.vocab_map import tokenizer_sha256
 
     tokenizers = [byte_level_tokenizer(301, bos=True), metaspace_tokenizer(157), byte_level_tokenizer(301, bos=True),
                   byte_level_tokenizer(263, bos=False)]
-    assert tokenizer_families(tokenizers) == [0, 1, 0, 3]
+    assert tokenizer_families([tokenizer_sha256(tokenizer) for tokenizer in tokenizers]) == [0, 1, 0, 3]
