@@ -154,12 +154,14 @@ class SelectorConfig:
     max_sources: int | None = 2
     # The chosen sources of a sequence come from distinct tokenizers where the pool has enough
     # (``fusion.selection.select``): two sources with one tokenizer answer at the same positions.
-    distinct_tokenizers: bool = False
+    distinct_tokenizers: bool = True
     beta: float = 0.0
-    lr: float = 5e-3
+    lr: float = 2e-2  # the selector's AdamW
     embedding_dim: int = 64
     hidden_dim: int = 128
-    gate_temperature: float = 0.05  # T_gate: softmax(-scores / T_gate), realised (scores) or predicted (predictive)
+    # T_gate: softmax(-scores / T_gate), realised (scores) or predicted (predictive); 1.0 keeps the
+    # weights among the chosen near equal, tilted towards the better score.
+    gate_temperature: float = 1.0
     target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 
