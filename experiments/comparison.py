@@ -137,6 +137,27 @@ def run_key(config: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
+def reusable_runs(previous: Mapping, truth: Mapping[str, Mapping[str, float]], tolerance: float = 1e-3) -> dict[str, dict]:
+    """The runs of an earlier comparison's ``compare.json`` (``previous``), by run name, to stand in for
+    runs of the same name (mode, seed and ``run_key``: the same settings) instead of training them again.
+
+    The ground truths must agree to ``tolerance`` bpb per source and domain: assets rebuilt on another
+    machine differ in the last digits (2e-4 seen here, for a specialist), other assets by far more.
+
+    Raises:
+        ValueError: the earlier ground truth is not this one's (other assets or chunks: its runs
+            trained on other sources' answers and must not be mixed in).
+    """
+    earlier = previous.get("ground_truth", {})
+    same = earlier.keys() == truth.keys() and all(
+        earlier[name].keys() == truth[name].keys() and all(abs(earlier[name][domain] - truth[name][domain]) <= tolerance
+                                                           for domain in truth[name]) for name in truth)
+    if not same:
+        raise ValueError("its ground truth differs from this comparison's (other assets or eval chunks); "
+                         "its runs cannot stand in for this comparison's")
+    return {run["name"]: run for run in previous.get("runs", [])}
+
+
 def domain_degradation(fused: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
     """``δ_d = fused[d] - baseline[d]`` for every domain of ``baseline`` except the pooled ``all``.
 
@@ -306,7 +327,8 @@ def held_out_routing(config, selector_file: str | Path, texts: Sequence[str], do
     if config.selector.distinct_tokenizers:
         families = tokenizer_families([tokenizer_sha256(AutoTokenizer.from_pretrained(source.path)) for source in config.sources])
     policy = make_policy(config, len(names), vocab_size=len(tokenizer), device=torch.device("cpu"), seed=0,
-                         average_gradients=lambda gradients: None, families=families)
+                         average_gradients=lambda gradients: None, sum_over_ranks=lambda value: value,
+                         families=families)
     policy.load_state_dict(state)
     collate = TextBatchCollator(tokenizer, config.data.max_length)
     available = torch.ones(len(names), dtype=torch.bool)

@@ -147,7 +147,7 @@ class ExplorationConfig:
 class SelectorConfig:
     # Defaults: the settings of the comparison in docs/RESULTS.md ("Real specialists").
     tau: float = 0.3  # gate-probability threshold of the selection rule
-    objective: Literal["ranking", "regression"] = "regression"  # what the predictive gate learns (fusion.selection)
+    objective: Literal["ranking", "regression", "linucb"] = "linucb"  # what the predictive gate learns (fusion.selection)
     # At least this many sources per sequence (the top ones by the gate); null: two where the pool
     # and max_sources allow (``sources_at_least``). Two good sources beat one on the same budget.
     min_sources: int | None = None
@@ -163,6 +163,10 @@ class SelectorConfig:
     # weights among the chosen near equal, tilted towards the better score.
     gate_temperature: float = 1.0
     target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
+    # linucb: training chooses by predicted score - optimism * confidence width; ridge: the prior's
+    # strength (fusion.selection.RidgeSelector).
+    optimism: float = 0.3
+    ridge: float = 1.0
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 
     def sources_at_least(self, num_sources: int) -> int:
@@ -464,7 +468,8 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(selector.lr > 0, f"selector.lr: must be > 0, got {selector.lr}")
     _check(selector.embedding_dim >= 1, f"selector.embedding_dim: must be >= 1, got {selector.embedding_dim}")
     _check(selector.hidden_dim >= 1, f"selector.hidden_dim: must be >= 1, got {selector.hidden_dim}")
-    for key in ("gate_temperature", "target_temperature"):
+    _check(selector.optimism >= 0, f"selector.optimism: must be >= 0 (0: choose by the predicted score alone), got {selector.optimism}")
+    for key in ("gate_temperature", "target_temperature", "ridge"):
         _check(getattr(selector, key) > 0, f"selector.{key}: must be > 0, got {getattr(selector, key)}")
     exploration = selector.exploration
     for key in ("start", "end"):

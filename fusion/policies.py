@@ -25,8 +25,8 @@ from torch import Tensor
 
 from fusion.config import Config, read_ground_truth
 from fusion.fusion_weights import chosen_weights, sharpen_weights
-from fusion.selection import (SelectionNetwork, baseline_weights, exploration_rate_at, select, selector_loss,
-                              selector_regression_loss)
+from fusion.selection import (RidgeSelector, SelectionNetwork, baseline_weights, exploration_rate_at, select,
+                              selector_loss, selector_regression_loss)
 from fusion.sources.answer import SparseSoftLabels
 
 # Stands in for the score of a row a source did not answer (masked out of the weights anyway).
@@ -36,6 +36,12 @@ UNANSWERED_NLL = 1e9
 def _scores(answers: Sequence[SparseSoftLabels], field: str) -> Tensor:
     """``[B, S]`` per-sequence scores of every source (NaN where it did not answer)."""
     return torch.stack([getattr(answer, field) for answer in answers], dim=1)
+
+
+def _entropy(gate_logits: Tensor) -> float:
+    """The gate's mean entropy in nats (log S: a uniform gate)."""
+    gate = gate_logits.detach().log_softmax(-1)
+    return float(-(gate.exp() * gate).sum(-1).mean())
 
 
 class FusionPolicy:
@@ -118,6 +124,8 @@ class GatePolicy(FusionPolicy):
         device: where the selector runs.
         seed: seed of this rank's exploration draws.
         average_gradients: averages the selector's gradients over the trainer ranks in place.
+        sum_over_ranks: a tensor summed over the trainer ranks (returned; ``selector.objective: linucb``
+            sums its statistics with it).
         families: each source's tokenizer family (``tokenizer_families``); needed with
             ``selector.distinct_tokenizers``, unread without it.
     """
@@ -126,20 +134,27 @@ class GatePolicy(FusionPolicy):
     learns = True
 
     def __init__(self, config: Config, num_sources: int, *, vocab_size: int, device: torch.device, seed: int,
-                 average_gradients: Callable[[Iterable[Tensor]], None], families: Sequence[int] | None = None):
+                 average_gradients: Callable[[Iterable[Tensor]], None], sum_over_ranks: Callable[[Tensor], Tensor],
+                 families: Sequence[int] | None = None):
         super().__init__(config, num_sources)
         selector = config.selector
         if selector.distinct_tokenizers and (families is None or len(families) != num_sources):
             raise ValueError(f"selector.distinct_tokenizers needs the tokenizer family of each of the {num_sources} sources")
         self.families = torch.tensor(list(families)) if selector.distinct_tokenizers else None
         self.device = device
-        self.selector = SelectionNetwork(num_sources, self.features, vocab_size=vocab_size, embed_dim=selector.embedding_dim,
-                                         hidden_dim=selector.hidden_dim,
-                                         gate_temperature=selector.gate_temperature).to(device)
-        self.optimizer = torch.optim.AdamW(self.selector.parameters(), lr=selector.lr)
+        self.selector = self._network(num_sources, vocab_size).to(device)
+        # A selector fitted in closed form (linucb) has no parameters and no optimizer.
+        parameters = list(self.selector.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=selector.lr) if parameters else None
         self.generator = torch.Generator().manual_seed(seed)
         self.average_gradients = average_gradients
+        self.sum_over_ranks = sum_over_ranks
         self._stats: dict[str, float] = {}
+
+    def _network(self, num_sources: int, vocab_size: int) -> torch.nn.Module:
+        selector = self.config.selector
+        return SelectionNetwork(num_sources, self.features, vocab_size=vocab_size, embed_dim=selector.embedding_dim,
+                                hidden_dim=selector.hidden_dim, gate_temperature=selector.gate_temperature)
 
     @property
     def max_sources(self) -> int:
@@ -180,21 +195,20 @@ class GatePolicy(FusionPolicy):
         # Replicated on every trainer rank: averaged gradients keep the replicas identical.
         self.average_gradients(parameter.grad for parameter in self.selector.parameters() if parameter.grad is not None)
         self.optimizer.step()
-        gate = gate_logits.detach().log_softmax(-1)
-        entropy = -(gate.exp() * gate).sum(-1).mean()  # nats; log(S) is a uniform gate
         self._stats = {"select/loss": float(loss.detach()), "select/ce": float(stats.ce), "select/cv2": float(stats.cv2),
-                       "select/gate_entropy": float(entropy)}
+                       "select/gate_entropy": _entropy(gate_logits)}
 
     def stats(self) -> dict[str, float]:
         return self._stats
 
     def state_dict(self) -> dict:
-        return {"selector": self.selector.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
+        return {"selector": self.selector.state_dict(), "generator": self.generator.get_state(),
+                **({"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.selector.load_state_dict(state["selector"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
     def save(self, path: Path, source_names: list[str]) -> None:
@@ -205,21 +219,35 @@ class Predictive(GatePolicy):
     """``predictive``: the gate reads the target ids, so it chooses before any source runs.
 
     With ``selector.objective: regression`` the network predicts each source's bits per byte on the
-    sequence and the gate prefers the lowest (``fusion.selection``); with ``ranking`` it is the
-    paper's gate. The first ``selector.exploration.measure_steps`` steps ask every available source.
+    sequence and the gate prefers the lowest (``fusion.selection``); with ``linucb`` a ridge regression
+    fitted in closed form predicts them, and training chooses optimistically (``RidgeSelector``); with
+    ``ranking`` it is the paper's gate. The first ``selector.exploration.measure_steps`` steps ask
+    every available source.
     """
 
     name = "predictive"
     features = "ids"
 
-    def _network_output(self, batch: dict) -> Tensor:
-        return self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+    def _network(self, num_sources: int, vocab_size: int) -> torch.nn.Module:
+        selector = self.config.selector
+        if selector.objective == "linucb":
+            return RidgeSelector(num_sources, vocab_size=vocab_size, embed_dim=selector.embedding_dim, ridge=selector.ridge)
+        return super()._network(num_sources, vocab_size)
+
+    def _network_output(self, batch: dict, optimistic: bool = False) -> Tensor:
+        """The network's output: predicted scores (regression, linucb; ``optimistic``: linucb's lower
+        confidence bound) or gate logits (ranking)."""
+        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        if self.config.selector.objective == "linucb":
+            predicted, width = self.selector(input_ids, attention_mask)
+            return predicted - self.config.selector.optimism * width if optimistic else predicted
+        return self.selector(input_ids, attention_mask)
 
     def _gate_of(self, output: Tensor) -> Tensor:
-        """Gate logits from the network's output: predicted scores (regression) or logits (ranking)."""
-        if self.config.selector.objective == "regression":
-            return -output / self.config.selector.gate_temperature
-        return output
+        """Gate logits from the network's output: predicted scores (regression, linucb) or logits (ranking)."""
+        if self.config.selector.objective == "ranking":
+            return output
+        return -output / self.config.selector.gate_temperature
 
     def _gate_logits(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> Tensor:
         return self._gate_of(self._network_output(batch))
@@ -236,19 +264,33 @@ class Predictive(GatePolicy):
         loss, stats = selector_regression_loss(predicted, gate_logits, ran.to(self.device), nll_per_byte, selector.beta)
         return gate_logits, loss, stats
 
+    def _learn(self, batch: dict, answers: Sequence[SparseSoftLabels], ran: Tensor) -> None:
+        if self.config.selector.objective != "linucb":
+            return super()._learn(batch, answers, ran)
+        nll_per_byte = _scores(answers, "nll_per_byte")
+        with torch.no_grad():
+            predicted, width = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            increments = self.selector.statistics(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                                  ran, nll_per_byte)
+            self.selector.add_statistics(self.sum_over_ranks(increments))
+        error = torch.where(ran, predicted.cpu() - nll_per_byte.nan_to_num(), 0.0)
+        self._stats = {"select/loss": float(error.square().sum() / ran.sum()),  # before this update
+                       "select/width": float(width.cpu()[ran].mean()),
+                       "select/gate_entropy": _entropy(self._gate_of(predicted))}
+
     def choose(self, batch: dict, available: Tensor, step: int) -> Tensor:
         exploration = self.config.selector.exploration
         if step < exploration.measure_steps:
             return available.expand(batch["input_ids"].shape[0], -1).clone()
         rate = exploration_rate_at(step, exploration.start, exploration.end, exploration.decay_steps, exploration.schedule)
-        return self.route(batch, available, rate)
+        return self.route(batch, available, rate, optimistic=True)
 
-    def route(self, batch: dict, available: Tensor, exploration_rate: float = 0.0) -> Tensor:
-        """The selection rule on the gate's current probabilities (no exploration by default: what the
-        trained selector would choose, e.g. on held-out text)."""
+    def route(self, batch: dict, available: Tensor, exploration_rate: float = 0.0, optimistic: bool = False) -> Tensor:
+        """The selection rule on the gate's current probabilities (by default without exploration and
+        optimism: what the trained selector would choose, e.g. on held-out text)."""
         selector = self.config.selector
         with torch.no_grad():
-            gate_probs = self._gate_logits(batch, [], available).softmax(-1).cpu()
+            gate_probs = self._gate_of(self._network_output(batch, optimistic)).softmax(-1).cpu()
         return select(gate_probs, selector.tau, self.min_sources, self.max_sources, exploration_rate, self.generator,
                       available, self.families)
 

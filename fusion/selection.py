@@ -28,7 +28,8 @@ Selection (``select``)
     vocabulary, and the second adds less than a source of another family.
 
 Selector objectives
-    ``ranking`` (``selector_loss``, the paper's) or ``regression`` (``selector_regression_loss``).
+    ``ranking`` (``selector_loss``, the paper's), ``regression`` (``selector_regression_loss``), or
+    ``linucb`` (``RidgeSelector``: no network, no loss).
 
 Regression (``selector_regression_loss``)
     The ``ids`` network's outputs are read as predicted scores ``m[b, s]`` (bits of source s per
@@ -41,6 +42,21 @@ Regression (``selector_regression_loss``)
 
     The output bias starts at each source's mean measured score (``init_output_bias``), so the
     network only has to learn how sequences differ, not the scale of the scores.
+
+LinUCB (``RidgeSelector``, ``selector.objective: linucb``)
+    A contextual bandit instead of a network: ``x_b`` = (1, the unit-length mean over the mask of
+    fixed random rows ``E[id mod V]``, ``E ~ N(0, 1)``), and per source s, over the scores it gave::
+
+        A_s = lambda I + sum x x^T,   M_s = sum n x,   C_s = sum x,   nbar = mean of every score
+        theta_s = A_s^{-1} (M_s - nbar C_s)                  (ridge regression of n - nbar on x)
+        m[b, s] = nbar + x_b . theta_s,   w[b, s] = sqrt(x_b^T A_s^{-1} x_b)
+
+    so a source predicts the mean score until its own scores say otherwise, and ``w`` shrinks
+    where it was measured. Training chooses by the optimistic ``m - alpha w`` (``selector.optimism``):
+    a source that was rarely measured on text like this one gets asked, and is then kept or
+    dropped by what it scored, so a specialist that the other sources' scores hide is found. The
+    weights among the chosen and the held-out routing read ``m`` alone (gate ``-m / T_gate``).
+    Every score that arrived updates the statistics exactly (summed over the trainer ranks).
 
 Selector loss (``selector_loss``)
     Only the sources that ran have a realised score, so the prediction target is restricted
@@ -193,6 +209,84 @@ class SelectionNetwork(nn.Module):
         output.bias.copy_(torch.where(chosen.any(0), per_source, overall).to(output.bias.device))
         output.weight.zero_()
         self.output_initialised.fill_(True)
+
+
+class RidgeSelector(nn.Module):
+    """The ``linucb`` gate: per source, a ridge regression of its bits per byte on fixed features of
+    the target ids, with a confidence width for optimism (equations in the module docstring).
+
+    It is fitted in closed form from sufficient statistics (buffers, checkpointed), never by
+    gradient; the features are a fixed random projection (seed ``FEATURE_SEED``, the same in every
+    run and on every rank), so they need no storing.
+
+    Args:
+        num_sources: S >= 1.
+        vocab_size: rows of the feature table (ids are hashed modulo it).
+        embed_dim: D, the width of the projection (features have D + 1 entries: a constant 1 first).
+        ridge: lambda > 0, the prior's strength in observations of a unit feature vector.
+    """
+
+    FEATURE_SEED = 0
+
+    def __init__(self, num_sources: int, vocab_size: int = 8192, embed_dim: int = 64, ridge: float = 1.0):
+        super().__init__()
+        for name, value in (("num_sources", num_sources), ("vocab_size", vocab_size), ("embed_dim", embed_dim)):
+            if value < 1:
+                raise ValueError(f"selector {name}={value} must be >= 1")
+        if not ridge > 0:
+            raise ValueError(f"selector ridge={ridge} must be > 0")
+        self.num_sources, self.vocab_size = num_sources, vocab_size
+        table = torch.randn(vocab_size, embed_dim, generator=torch.Generator().manual_seed(self.FEATURE_SEED))
+        self.register_buffer("table", table, persistent=False)
+        size = embed_dim + 1
+        # A_s = lambda I + sum x x^T, M_s = sum y x, C_s = sum x (over the scores of source s), and the
+        # sum and count of every score: float64, so that long runs add up exactly enough.
+        self.register_buffer("gram", ridge * torch.eye(size, dtype=torch.float64).repeat(num_sources, 1, 1))
+        self.register_buffer("moment", torch.zeros(num_sources, size, dtype=torch.float64))
+        self.register_buffer("feature_sum", torch.zeros(num_sources, size, dtype=torch.float64))
+        self.register_buffer("score_total", torch.zeros(2, dtype=torch.float64))  # [sum of y, count]
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``[B, D + 1]`` float64: 1, then the unit-length mean of the ids' table rows over the mask."""
+        if input_ids.dim() != 2:
+            raise ValueError("linucb selector needs input_ids of shape [B, L]")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        embedded = self.table[input_ids.long().remainder(self.vocab_size)].double()
+        pooled = (embedded * mask.double().unsqueeze(-1)).sum(dim=1)
+        pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.cat([torch.ones(pooled.shape[0], 1, dtype=pooled.dtype, device=pooled.device), pooled], dim=1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(m, w)``, each ``[B, S]`` float32: the predicted bits per byte and the confidence width."""
+        x = self.features(input_ids, attention_mask)
+        total, count = self.score_total
+        prior = total / count if count > 0 else total
+        inverse = torch.linalg.inv(self.gram)  # [S, D+1, D+1]
+        theta = (inverse @ (self.moment - prior * self.feature_sum).unsqueeze(-1)).squeeze(-1)  # [S, D+1]
+        predicted = prior + x @ theta.T
+        width = torch.einsum("bi,sij,bj->bs", x, inverse, x).clamp_min(0.0).sqrt()
+        return predicted.float(), width.float()
+
+    def statistics(self, input_ids: Tensor, attention_mask: Tensor, chosen: Tensor, nll_per_byte: Tensor) -> Tensor:
+        """The increments of every statistic from one micro-batch's scores where ``chosen``, as one flat
+        float64 tensor (``add_statistics`` takes it; ranks sum theirs first)."""
+        x = self.features(input_ids, attention_mask)
+        weight = chosen.to(x.device, torch.float64)
+        y = torch.where(chosen.to(x.device), nll_per_byte.to(x.device, torch.float64), 0.0)
+        pieces = (torch.einsum("bs,bi,bj->sij", weight, x, x), torch.einsum("bs,bi->si", y, x),
+                  torch.einsum("bs,bi->si", weight, x), torch.stack([y.sum(), weight.sum()]))
+        return torch.cat([piece.flatten() for piece in pieces])
+
+    def add_statistics(self, increments: Tensor) -> None:
+        """Add what ``statistics`` returned (summed over ranks)."""
+        increments = increments.to(self.gram.device, torch.float64)
+        for buffer in (self.gram, self.moment, self.feature_sum, self.score_total):
+            part, increments = increments[:buffer.numel()], increments[buffer.numel():]
+            buffer += part.view_as(buffer)
+        if increments.numel():
+            raise ValueError(f"{increments.numel()} selector statistics left over: not this selector's")
 
 
 def select(

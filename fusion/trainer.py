@@ -98,6 +98,7 @@ class Trainer:
         # Exploration draws differ per rank (different sequences) but are reproducible.
         self.policy = make_policy(config, len(self.sources.names), vocab_size=len(self.tokenizer), device=self.device,
                                   seed=config.run.seed + topology.dp_rank, average_gradients=topology.trainer_mean_,
+                                  sum_over_ranks=topology.trainer_sum,
                                   families=tokenizer_families([source["tokenizer_sha256"] for source in manifest["sources"]]))
         # Without sources the loss is the LM term alone, at full weight.
         self.lam = config.fusion.lam if self.sources.names else 1.0

@@ -1,7 +1,8 @@
 """Compare fusion modes on one budget: train every (mode, source pool, seed), evaluate, tabulate, plot.
 
     python launch/compare.py --config configs/compare.yaml --out runs/compare --report-dir docs/results \
-        [--seeds 1 2 3] [--jobs 2] [--modes none min_ce ...] [--pools gemma3,code-smollm2 ...] [--set selector.tau=0.2]
+        [--seeds 1 2 3] [--jobs 2] [--modes none min_ce ...] [--pools gemma3,code-smollm2 ...] [--set selector.tau=0.2] \
+        [--reuse docs/results/compare.json]
 
 1. A balanced training corpus: ``--per-domain`` chunks of every domain drawn from the config's
    training split (``--data-seed``), and the whole eval split, saved to ``<out>/corpus``; every
@@ -14,7 +15,9 @@
    and its source compute is the target tokens of the sequences it sent to each source.
 4. One training run per (mode, pool, seed), ``--jobs`` at once, in ``<out>/runs/<name>-<hash>`` (the hash covers the
    settings, so a rerun with other settings never reuses a run); runs with a ``result.json`` are
-   skipped, so an interrupted comparison resumes by running the same command.
+   skipped, so an interrupted comparison resumes by running the same command. With ``--reuse``, runs
+   named in an earlier ``compare.json`` on the same ground truth are taken from it (a change of the
+   selector's settings then trains only the modes that read them).
 5. Held-out bits per byte of every run's model on the eval split (``heldout.json`` next to it), and
    for ``predictive`` the trained selector's routing on the held-out chunks (``heldout_routing.json``).
    Eval domains that the training sample lacks (held out of training altogether) are reported
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.0, help="a domain counts as degraded when δ > this (bpb)")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=100, help="chunks per precomputed answer shard")
+    parser.add_argument("--reuse", default=None, metavar="COMPARE_JSON",
+                        help="an earlier comparison's compare.json on the same ground truth: its runs stand in for runs "
+                             "of the same name (same mode, seed and settings), which are then not trained again")
     return parser.parse_args(argv)
 
 
@@ -177,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: precomputing the answers failed: {' '.join(precompute)}", file=sys.stderr)
             return 1
 
+    reused = {}
+    if args.reuse:
+        try:
+            reused = comparison.reusable_runs(json.loads(Path(args.reuse).read_text()), truth)
+        except (OSError, ValueError) as error:
+            print(f"error: --reuse {args.reuse}: {error}", file=sys.stderr)
+            return 2
     (out / "configs").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     run_dirs, run_configs, pending = {}, {}, []
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / "runs" / name
         run_raw["run"]["output_dir"] = str(run_dir)
         run_dirs[spec], run_configs[spec] = run_dir, run_raw
-        if not (run_dir / "result.json").is_file():
+        if name not in reused and not (run_dir / "result.json").is_file():
             config_file = out / "configs" / f"{name}.yaml"
             config_file.write_text(yaml.safe_dump(run_raw))
             pending.append((config_file, out / "logs" / f"{name}.log"))
@@ -194,8 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in pool.map(lambda job: train(*job), pending):
             progress.update()
 
-    outcomes = []
+    outcomes, seconds = [], {}
     for spec, run_dir in run_dirs.items():
+        if run_dir.name in reused:
+            record = reused[run_dir.name]
+            outcomes.append(comparison.RunOutcome(spec, record["bits_per_byte"], record["source_tokens"],
+                                                  record["heldout_routing"], unseen))
+            seconds[spec] = record["seconds"]
+            continue
         heldout = run_dir / "heldout.json"
         if not heldout.is_file():
             scores = evaluate_models({spec.name: run_dir}, chunks["text"], chunks["domain"], args.eval_batch_size,
@@ -213,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((run_dir / "result.json").read_text())
         tokens = {name: row["tokens"] for name, row in result.get("sources", {}).items()}
         outcomes.append(comparison.RunOutcome(spec, bits, tokens, routing, unseen))
+        seconds[spec] = result["seconds"]
 
     summaries = comparison.summarise(outcomes, args.tolerance)
     report_dir = Path(args.report_dir) if args.report_dir else out / "report"
@@ -229,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     (report_dir / "compare.json").write_text(json.dumps({
         "runs": [{"name": run_dirs[o.spec].name, "mode": o.spec.mode, "sources": list(o.spec.sources), "seed": o.spec.seed,
                   "bits_per_byte": o.bits_per_byte, "source_tokens": o.source_tokens, "heldout_routing": o.routing,
-                  "seconds": json.loads((run_dirs[o.spec] / "result.json").read_text())["seconds"]} for o in outcomes],
+                  "seconds": seconds[o.spec], **({"reused_from": args.reuse} if run_dirs[o.spec].name in reused else {})}
+                 for o in outcomes],
         "unseen_domains": list(unseen),
         "ground_truth": truth,
         "bar": [{"claim": text, "met": met} for text, met in bar],

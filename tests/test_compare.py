@@ -13,6 +13,7 @@ from experiments.comparison import (
     interference,
     markdown_table,
     plot_comparison,
+    reusable_runs,
     run_config,
     run_key,
     run_matrix,
@@ -140,3 +141,15 @@ def test_balanced_sample_takes_the_same_count_of_every_domain():
     assert [int(t) for t in sample["text"]] == sorted(int(t) for t in sample["text"])
     with pytest.raises(ValueError, match="'z' has 3 chunks"):
         balanced_sample(chunks, 4, seed=0)
+
+
+def test_earlier_runs_are_reused_only_on_the_same_ground_truth():
+    truth = {"a": {"code": 1.0, "wiki": 2.0}, "b": {"code": 1.5, "wiki": 1.25}}
+    runs = [{"name": "none-seed1-0123abcd", "mode": "none"}, {"name": "min_ce-seed1-89abcdef", "mode": "min_ce"}]
+    previous = {"ground_truth": {"a": {"code": 1.0 + 1e-9, "wiki": 2.0}, "b": {"code": 1.5, "wiki": 1.25}}, "runs": runs}
+    assert reusable_runs(previous, truth) == {run["name"]: run for run in runs}
+    for changed in ({"a": {"code": 1.1, "wiki": 2.0}, "b": truth["b"]},  # another score
+                    {"a": truth["a"]},  # a source fewer
+                    {"a": {"code": 1.0}, "b": truth["b"]}):  # a domain fewer
+        with pytest.raises(ValueError, match="ground truth differs"):
+            reusable_runs({**previous, "ground_truth": changed}, truth)

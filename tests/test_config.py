@@ -31,7 +31,7 @@ def test_defaults_fill_in_and_types_are_converted():
     config = parse(base(trainer={"lr": "1e-4"}))  # YAML reads 1e-4 as a string
     assert config.trainer.lr == pytest.approx(1e-4)
     assert config.trainer.micro_batch_size == 4
-    assert config.selector.tau == pytest.approx(0.3) and config.selector.objective == "regression"
+    assert config.selector.tau == pytest.approx(0.3) and config.selector.objective == "linucb"
     assert config.fusion.lam == pytest.approx(0.9)
     assert config.sources == ()
     assert not config.data.packing and config.data.min_piece_tokens == 16
@@ -83,6 +83,9 @@ def test_wrong_types_are_named(raw, message):
     (base(trainer={"keep_last": 0}), r"trainer\.keep_last: must be >= 1 \(checkpoints kept\) or null \(keep all\), got 0"),
     (base(selector={"tau": 1.0}), r"selector\.tau: must be in \(0, 1\), got 1.0"),
     (base(selector={"tau": 0}), r"selector\.tau: must be in \(0, 1\)"),
+    (base(selector={"optimism": -0.1}), r"selector\.optimism: must be >= 0"),
+    (base(selector={"ridge": 0}), r"selector\.ridge: must be > 0"),
+    (base(selector={"objective": "ucb"}), r"selector\.objective"),
     (base(fusion={"mode": "none", "lam": 1.5}), r"fusion\.lam: must be in \[0, 1\]"),
     (base(fusion={"mode": "none", "temperature": 0}), r"fusion\.temperature: must be > 0"),
     (base(selector={"exploration": {"start": 2}}), r"selector\.exploration\.start: must be in \[0, 1\]"),

@@ -3,10 +3,12 @@
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from fusion.selection import (
+    RidgeSelector,
     SelectionNetwork,
     baseline_weights,
     exploration_rate_at,
@@ -361,3 +363,88 @@ def test_regression_learns_the_routing_from_one_source_per_sequence():
     """One source per sequence leaves the ranking objective nothing to compare (no sequence has two
     scores); the regression objective learns every domain's best source from single scores."""
     assert train_regression_selector(seed=0, steps=150, max_sources=1) >= 0.9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ridge_selector_equals_the_closed_form_fit(seed):
+    """Statistics added over two micro-batches (one summed as if from two identical ranks) give the
+    ridge fit that numpy's least squares computes on the stacked data, and its widths."""
+    gen = torch.Generator().manual_seed(seed)
+    selector = RidgeSelector(3, vocab_size=VOCAB, embed_dim=5, ridge=0.7)
+    ids = [torch.randint(0, VOCAB, (6, LENGTH), generator=gen) for _ in range(2)]
+    masks = [torch.ones(6, LENGTH, dtype=torch.long) for _ in range(2)]
+    masks[0][:2, 9:] = 0
+    chosen = [torch.rand(6, 3, generator=gen) < 0.6 for _ in range(2)]
+    chosen[0][:, 2] = False  # source 2 is measured in the second batch only
+    scores = [torch.where(c, 1.0 + torch.rand(6, 3, generator=gen), math.nan) for c in chosen]
+    selector.add_statistics(selector.statistics(ids[0], masks[0], chosen[0], scores[0]))
+    selector.add_statistics(2 * selector.statistics(ids[1], masks[1], chosen[1], scores[1]))  # two ranks, same rows
+
+    x = torch.cat([selector.features(ids[0], masks[0]), selector.features(ids[1], masks[1]), selector.features(ids[1], masks[1])]).numpy()
+    c = torch.cat([chosen[0], chosen[1], chosen[1]]).numpy()
+    y = torch.cat([scores[0], scores[1], scores[1]]).numpy()
+    prior = np.nanmean(y[c])
+    new_ids = torch.randint(0, VOCAB, (4, LENGTH), generator=gen)
+    new_x = selector.features(new_ids).numpy()
+    predicted, width = selector(new_ids)
+    for s in range(3):
+        rows = c[:, s]
+        # Ridge as least squares: the prior's rows sqrt(lambda) I with target 0 below the data.
+        design = np.vstack([x[rows], math.sqrt(0.7) * np.eye(x.shape[1])])
+        target = np.concatenate([y[rows, s] - prior, np.zeros(x.shape[1])])
+        theta = np.linalg.lstsq(design, target, rcond=None)[0]
+        np.testing.assert_allclose(predicted[:, s].numpy(), prior + new_x @ theta, rtol=1e-5, atol=1e-5)
+        inverse = np.linalg.inv(0.7 * np.eye(x.shape[1]) + x[rows].T @ x[rows])
+        np.testing.assert_allclose(width[:, s].numpy(), np.sqrt(np.einsum("bi,ij,bj->b", new_x, inverse, new_x)), rtol=1e-5)
+    # Features: a constant 1, then a unit vector that ignores masked positions.
+    features = selector.features(ids[0], masks[0])
+    assert features[:, 0].tolist() == [1.0] * 6
+    torch.testing.assert_close(features[:, 1:].norm(dim=1), torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(features[0], selector.features(ids[0][:1, :9])[0])
+
+
+def test_ridge_selector_rejects_foreign_statistics_and_bad_sizes():
+    selector = RidgeSelector(2, vocab_size=VOCAB, embed_dim=3)
+    with pytest.raises(ValueError, match="left over"):
+        selector.add_statistics(torch.zeros(2 * 16 + 2 * 4 + 2 * 4 + 2 + 1))
+    with pytest.raises(ValueError, match="ridge"):
+        RidgeSelector(2, ridge=0.0)
+
+
+def train_linucb(seed, steps, optimism):
+    """LinUCB in the trainer's loop, one source per sequence, no random exploration. Source 0 is a
+    generalist (1.0 everywhere); source d >= 1 scores 0.8 on domain d and 1.6 elsewhere. Returns the
+    share of fresh sequences routed to their domain's best source (domain 0: the generalist)."""
+    gen = torch.Generator().manual_seed(seed)
+    selector = RidgeSelector(SOURCES, vocab_size=VOCAB, embed_dim=64)
+
+    def scores(domains):
+        nll = 1.6 + 0.05 * torch.randn(len(domains), SOURCES, generator=gen)
+        nll[:, 0] = 1.0 + 0.05 * torch.randn(len(domains), generator=gen)
+        rows = torch.arange(len(domains))
+        specialist = domains > 0
+        nll[rows[specialist], domains[specialist]] = 0.8 + 0.05 * torch.randn(int(specialist.sum()), generator=gen)
+        return nll
+
+    for step in range(steps):
+        ids, domains = domain_batch(gen, 32)
+        predicted, width = selector(ids)
+        if step == 0:
+            chosen = torch.ones(32, SOURCES, dtype=torch.bool)  # the measuring warm-up
+        else:
+            chosen = select(torch.softmax(-(predicted - optimism * width) / 0.1, -1), 0.5, 1, 1, 0.0)
+        measured = torch.where(chosen, scores(domains), math.nan)
+        selector.add_statistics(selector.statistics(ids, torch.ones_like(ids), chosen, measured))
+    ids, domains = domain_batch(gen, 1000)
+    best = torch.where(domains > 0, domains, 0)
+    return (selector(ids)[0].argmin(-1) == best).float().mean().item()
+
+
+def test_linucb_finds_the_specialists_a_greedy_choice_never_measures():
+    """After one measuring step every specialist's mean (1.4) is far above the generalist's (1.0):
+    chosen greedily (optimism 0) a specialist may never be asked on its domain again, and is then
+    never found; with optimism its uncertainty on its own domain gets it asked there, and it wins."""
+    greedy = [train_linucb(seed, steps=60, optimism=0.0) for seed in range(3)]
+    optimistic = [train_linucb(seed, steps=60, optimism=0.3) for seed in range(3)]
+    assert min(greedy) < 0.9, greedy
+    assert min(optimistic) >= 0.95, optimistic

@@ -101,12 +101,14 @@ def test_loss_normalisation_makes_sharding_invisible(tmp_path, tiny_tied_target,
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus):
+@pytest.mark.parametrize("objective", ["regression", "linucb"])
+def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, tiny_sources, tiny_corpus, objective):
     sources = [{"name": path.name, "path": str(path), "batch_size": 3} for path in tiny_sources]
     _, output_dir = launch(tmp_path, "predictive", 2, tiny_target, tiny_corpus, sources=sources,
                            fusion={"mode": "predictive", "lam": 0.5},
-                           selector={"max_sources": 1, "exploration": {"start": 0.0, "end": 0.0, "measure_steps": 0}}, micro_batch_size=4, max_steps=6, lr=3e-3,
-                           warmup_steps=1)
+                           selector={"objective": objective, "max_sources": 1,
+                                     "exploration": {"start": 0.0, "end": 0.0, "measure_steps": 0}},
+                           micro_batch_size=4, max_steps=6, lr=3e-3, warmup_steps=1)
     summary = json.loads((output_dir / "result.json").read_text())
     routing, served = summary["routing"], summary["sources"]
     assert set(routing) == {"animals", "numbers", "colours"}
@@ -117,7 +119,10 @@ def test_predictive_fusion_requests_only_chosen_sources(tmp_path, tiny_target, t
         assert 0 < served[source]["sequences"] <= sequences
     # max_sources 1 and no exploration: exactly one source computed each sequence.
     assert sum(entry["sequences"] for entry in served.values()) == sequences
-    assert (output_dir / "selector.pt").is_file()
+    selector = torch.load(output_dir / "selector.pt", weights_only=False)["selector"]
+    if objective == "linucb":
+        # The statistics hold every score of both ranks (summed, not averaged): one per sequence.
+        assert selector["score_total"][1].item() == sequences
 
 
 @pytest.mark.parametrize("packing", [False, True])
