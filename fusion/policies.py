@@ -268,10 +268,10 @@ class Predictive(GatePolicy):
         if self.config.selector.objective != "linucb":
             return super()._learn(batch, answers, ran)
         nll_per_byte = _scores(answers, "nll_per_byte")
+        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with torch.no_grad():
-            predicted, width = self.selector(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            increments = self.selector.statistics(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                                  ran, nll_per_byte)
+            predicted, width = self.selector(input_ids, attention_mask)
+            increments = self.selector.statistics(input_ids, attention_mask, ran, nll_per_byte)
             self.selector.add_statistics(self.sum_over_ranks(increments))
         error = torch.where(ran, predicted.cpu() - nll_per_byte.nan_to_num(), 0.0)
         self._stats = {"select/loss": float(error.square().sum() / ran.sum()),  # before this update
