@@ -157,16 +157,20 @@ class SelectorConfig:
     distinct_tokenizers: bool = True
     beta: float = 0.0
     lr: float = 2e-2  # the selector's AdamW
-    embedding_dim: int = 64
+    # linucb: the width of its fixed random projection of the ids (256 routes the comparison's pool
+    # best: docs/RESULTS.md); regression, ranking: the learned embedding's.
+    embedding_dim: int = 256
     hidden_dim: int = 128
     # T_gate: softmax(-scores / T_gate), realised (scores) or predicted (predictive); 1.0 keeps the
     # weights among the chosen near equal, tilted towards the better score.
     gate_temperature: float = 1.0
     target_temperature: float = 1.0  # T of the selector loss's target, softmax(-realised nll_per_byte / T)
     # linucb: training chooses by predicted score - optimism * confidence width; ridge: the prior's
-    # strength (fusion.selection.RidgeSelector).
+    # strength; correlation: of two sources' scores on one sequence, whose difficulty moves both
+    # (fusion.selection.RidgeSelector).
     optimism: float = 0.3
     ridge: float = 1.0
+    correlation: float = 0.5
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
 
     def sources_at_least(self, num_sources: int) -> int:
@@ -469,6 +473,8 @@ def validate(config: Config, check_paths: bool = True) -> Config:
     _check(selector.embedding_dim >= 1, f"selector.embedding_dim: must be >= 1, got {selector.embedding_dim}")
     _check(selector.hidden_dim >= 1, f"selector.hidden_dim: must be >= 1, got {selector.hidden_dim}")
     _check(selector.optimism >= 0, f"selector.optimism: must be >= 0 (0: choose by the predicted score alone), got {selector.optimism}")
+    _check(0 <= selector.correlation < 1,
+           f"selector.correlation: must be in [0, 1) (0: the scores of one sequence are independent), got {selector.correlation}")
     for key in ("gate_temperature", "target_temperature", "ridge"):
         _check(getattr(selector, key) > 0, f"selector.{key}: must be > 0, got {getattr(selector, key)}")
     exploration = selector.exploration

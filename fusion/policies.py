@@ -231,7 +231,8 @@ class Predictive(GatePolicy):
     def _network(self, num_sources: int, vocab_size: int) -> torch.nn.Module:
         selector = self.config.selector
         if selector.objective == "linucb":
-            return RidgeSelector(num_sources, vocab_size=vocab_size, embed_dim=selector.embedding_dim, ridge=selector.ridge)
+            return RidgeSelector(num_sources, vocab_size=vocab_size, embed_dim=selector.embedding_dim, ridge=selector.ridge,
+                                 correlation=selector.correlation)
         return super()._network(num_sources, vocab_size)
 
     def _network_output(self, batch: dict, optimistic: bool = False) -> Tensor:

@@ -45,18 +45,26 @@ Regression (``selector_regression_loss``)
 
 LinUCB (``RidgeSelector``, ``selector.objective: linucb``)
     A contextual bandit instead of a network: ``x_b`` = (1, the unit-length mean over the mask of
-    fixed random rows ``E[id mod V]``, ``E ~ N(0, 1)``), and per source s, over the scores it gave::
+    fixed random rows ``E[id mod V]``, ``E ~ N(0, 1)``), and one linear model ``n[b, s] = nbar +
+    x_b . theta_s + e[b, s]`` for all sources, in which the errors of one sequence's scores have the
+    covariance ``(1 - kappa) I + kappa 11^T`` (``kappa``: ``selector.correlation``; a hard sequence is
+    hard for every source). Its generalised least squares fit with a ridge prior, over every score::
 
-        A_s = lambda I + sum x x^T,   M_s = sum n x,   C_s = sum x,   nbar = mean of every score
-        theta_s = A_s^{-1} (M_s - nbar C_s)                  (ridge regression of n - nbar on x)
-        m[b, s] = nbar + x_b . theta_s,   w[b, s] = sqrt(x_b^T A_s^{-1} x_b)
+        W_b = inverse of that covariance over C_b = (diag(c_b) - rho_b c_b c_b^T) / (1 - kappa),
+              rho_b = kappa / (1 - kappa + |C_b| kappa)        (c_b: the indicator of C_b)
+        G = lambda I + sum_b W_b (x) x_b x_b^T,   M = sum_b (W_b n_b) (x) x_b,   F = sum_b (W_b c_b) (x) x_b
+        theta = G^{-1} (M - nbar F)                 (nbar = mean of every score of every source)
+        m[b, s] = nbar + x_b . theta_s,   w[b, s] = sqrt((e_s (x) x_b)^T G^{-1} (e_s (x) x_b))
 
-    so a source predicts the mean score until its own scores say otherwise, and ``w`` shrinks
-    where it was measured. Training chooses by the optimistic ``m - alpha w`` (``selector.optimism``):
-    a source that was rarely measured on text like this one gets asked, and is then kept or
-    dropped by what it scored, so a specialist that the other sources' scores hide is found. The
-    weights among the chosen and the held-out routing read ``m`` alone (gate ``-m / T_gate``).
-    Every score that arrived updates the statistics exactly (summed over the trainer ranks).
+    With ``kappa = 0``, ``G`` is block diagonal and every source is its own ridge regression; as
+    ``kappa`` grows the fit rests on how the sources of one sequence differ, which the sequence's
+    difficulty does not blur. A single score keeps weight 1 either way. A source predicts the mean
+    score until its own scores say otherwise, and ``w`` shrinks where it was measured. Training
+    chooses by the optimistic ``m - alpha w`` (``selector.optimism``): a source that was rarely
+    measured on text like this one gets asked, and is then kept or dropped by what it scored, so a
+    specialist that the other sources' scores hide is found. The weights among the chosen and the
+    held-out routing read ``m`` alone (gate ``-m / T_gate``). Every score that arrived updates the
+    statistics exactly (summed over the trainer ranks).
 
 Selector loss (``selector_loss``)
     Only the sources that ran have a realised score, so the prediction target is restricted
@@ -212,8 +220,9 @@ class SelectionNetwork(nn.Module):
 
 
 class RidgeSelector(nn.Module):
-    """The ``linucb`` gate: per source, a ridge regression of its bits per byte on fixed features of
-    the target ids, with a confidence width for optimism (equations in the module docstring).
+    """The ``linucb`` gate: one ridge regression of every source's bits per byte on fixed features of
+    the target ids, in which the scores of one sequence are correlated (its difficulty moves them
+    together), with a confidence width for optimism (equations in the module docstring).
 
     It is fitted in closed form from sufficient statistics (buffers, checkpointed), never by
     gradient; the features are a fixed random projection (seed ``FEATURE_SEED``, the same in every
@@ -224,27 +233,54 @@ class RidgeSelector(nn.Module):
         vocab_size: rows of the feature table (ids are hashed modulo it).
         embed_dim: D, the width of the projection (features have D + 1 entries: a constant 1 first).
         ridge: lambda > 0, the prior's strength in observations of a unit feature vector.
+        correlation: kappa in [0, 1), the correlation of two sources' scores on one sequence (what its
+            difficulty moves in both; 0: every score is independent).
     """
 
     FEATURE_SEED = 0
 
-    def __init__(self, num_sources: int, vocab_size: int = 8192, embed_dim: int = 64, ridge: float = 1.0):
+    def __init__(self, num_sources: int, vocab_size: int = 8192, embed_dim: int = 64, ridge: float = 1.0,
+                 correlation: float = 0.0):
         super().__init__()
         for name, value in (("num_sources", num_sources), ("vocab_size", vocab_size), ("embed_dim", embed_dim)):
             if value < 1:
                 raise ValueError(f"selector {name}={value} must be >= 1")
         if not ridge > 0:
             raise ValueError(f"selector ridge={ridge} must be > 0")
-        self.num_sources, self.vocab_size = num_sources, vocab_size
+        if not 0 <= correlation < 1:
+            raise ValueError(f"selector correlation={correlation} must be in [0, 1)")
+        self.num_sources, self.vocab_size, self.correlation = num_sources, vocab_size, correlation
         table = torch.randn(vocab_size, embed_dim, generator=torch.Generator().manual_seed(self.FEATURE_SEED))
         self.register_buffer("table", table, persistent=False)
-        size = embed_dim + 1
-        # A_s = lambda I + sum x x^T, M_s = sum y x, C_s = sum x (over the scores of source s), and the
-        # sum and count of every score: float64, so that long runs add up exactly enough.
-        self.register_buffer("gram", ridge * torch.eye(size, dtype=torch.float64).repeat(num_sources, 1, 1))
-        self.register_buffer("moment", torch.zeros(num_sources, size, dtype=torch.float64))
-        self.register_buffer("feature_sum", torch.zeros(num_sources, size, dtype=torch.float64))
+        size = num_sources * (embed_dim + 1)
+        # G = lambda I + sum W (x) x x^T (rows and columns: source-major), M = sum (W y) (x) x,
+        # F = sum (W 1) (x) x, and the sum and count of every score: float64, so that long runs add up
+        # exactly enough.
+        self.register_buffer("gram", ridge * torch.eye(size, dtype=torch.float64))
+        self.register_buffer("moment", torch.zeros(num_sources, embed_dim + 1, dtype=torch.float64))
+        self.register_buffer("feature_sum", torch.zeros(num_sources, embed_dim + 1, dtype=torch.float64))
         self.register_buffer("score_total", torch.zeros(2, dtype=torch.float64))  # [sum of y, count]
+        self._fit = None  # (prior, theta, width blocks) of the current statistics; None: to solve
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fit = None  # moved or cast: solve again from the buffers
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fit = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _solve(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The fit of the current statistics (one inversion of G, kept until they change)."""
+        if self._fit is None:
+            total, count = self.score_total
+            prior = total / count if count > 0 else total
+            sources, size = self.moment.shape
+            inverse = torch.linalg.inv(self.gram)
+            theta = (inverse @ (self.moment - prior * self.feature_sum).flatten()).view(sources, size)
+            blocks = inverse.view(sources, size, sources, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [S, D+1, D+1]
+            self._fit = (prior, theta, blocks)
+        return self._fit
 
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``[B, D + 1]`` float64: 1, then the unit-length mean of the ids' table rows over the mask."""
@@ -261,32 +297,38 @@ class RidgeSelector(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(m, w)``, each ``[B, S]`` float32: the predicted bits per byte and the confidence width."""
         x = self.features(input_ids, attention_mask)
-        total, count = self.score_total
-        prior = total / count if count > 0 else total
-        inverse = torch.linalg.inv(self.gram)  # [S, D+1, D+1]
-        theta = (inverse @ (self.moment - prior * self.feature_sum).unsqueeze(-1)).squeeze(-1)  # [S, D+1]
+        prior, theta, blocks = self._solve()
         predicted = prior + x @ theta.T
-        width = torch.einsum("bi,sij,bj->bs", x, inverse, x).clamp_min(0.0).sqrt()
+        width = torch.einsum("bi,sij,bj->bs", x, blocks, x).clamp_min(0.0).sqrt()
         return predicted.float(), width.float()
 
     def statistics(self, input_ids: Tensor, attention_mask: Tensor, chosen: Tensor, nll_per_byte: Tensor) -> Tensor:
         """The increments of every statistic from one micro-batch's scores where ``chosen``, as one flat
         float64 tensor (``add_statistics`` takes it; ranks sum theirs first)."""
         x = self.features(input_ids, attention_mask)
-        weight = chosen.to(x.device, torch.float64)
-        y = torch.where(chosen.to(x.device), nll_per_byte.to(x.device, torch.float64), 0.0)
-        pieces = (torch.einsum("bs,bi,bj->sij", weight, x, x), torch.einsum("bs,bi->si", y, x),
-                  torch.einsum("bs,bi->si", weight, x), torch.stack([y.sum(), weight.sum()]))
+        chosen = chosen.to(x.device, torch.float64)
+        y = torch.where(chosen.bool(), nll_per_byte.to(x.device, torch.float64), 0.0)
+        # W_b = (diag(c) - rho c c^T) / (1 - kappa), rho = kappa / (1 - kappa + |C_b| kappa): the inverse of
+        # the covariance (1 - kappa) I + kappa 11^T of the scores of one sequence.
+        kappa = self.correlation
+        rho = kappa / (1.0 - kappa + chosen.sum(1) * kappa)
+        weight = (torch.diag_embed(chosen) - rho[:, None, None] * chosen[:, :, None] * chosen[:, None, :]) / (1.0 - kappa)
+        gram = torch.einsum("bst,bi,bj->sitj", weight, x, x).reshape(self.gram.shape)
+        pieces = (gram, torch.einsum("bst,bt,bi->si", weight, y, x), torch.einsum("bst,bt,bi->si", weight, chosen, x),
+                  torch.stack([y.sum(), chosen.sum()]))
         return torch.cat([piece.flatten() for piece in pieces])
 
     def add_statistics(self, increments: Tensor) -> None:
         """Add what ``statistics`` returned (summed over ranks)."""
+        buffers = (self.gram, self.moment, self.feature_sum, self.score_total)
+        expected = sum(buffer.numel() for buffer in buffers)
+        if increments.numel() != expected:
+            raise ValueError(f"{increments.numel()} selector statistics, not this selector's {expected}")
         increments = increments.to(self.gram.device, torch.float64)
-        for buffer in (self.gram, self.moment, self.feature_sum, self.score_total):
+        self._fit = None
+        for buffer in buffers:
             part, increments = increments[:buffer.numel()], increments[buffer.numel():]
             buffer += part.view_as(buffer)
-        if increments.numel():
-            raise ValueError(f"{increments.numel()} selector statistics left over: not this selector's")
 
 
 def select(

@@ -84,6 +84,8 @@ def test_wrong_types_are_named(raw, message):
     (base(selector={"tau": 1.0}), r"selector\.tau: must be in \(0, 1\), got 1.0"),
     (base(selector={"tau": 0}), r"selector\.tau: must be in \(0, 1\)"),
     (base(selector={"optimism": -0.1}), r"selector\.optimism: must be >= 0"),
+    (base(selector={"correlation": 1.0}), r"selector\.correlation: must be in \[0, 1\)"),
+    (base(selector={"correlation": -0.2}), r"selector\.correlation: must be in \[0, 1\)"),
     (base(selector={"ridge": 0}), r"selector\.ridge: must be > 0"),
     (base(selector={"objective": "ucb"}), r"selector\.objective"),
     (base(fusion={"mode": "none", "lam": 1.5}), r"fusion\.lam: must be in \[0, 1\]"),

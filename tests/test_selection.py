@@ -365,37 +365,59 @@ def test_regression_learns_the_routing_from_one_source_per_sequence():
     assert train_regression_selector(seed=0, steps=150, max_sources=1) >= 0.9
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ridge_selector_equals_the_closed_form_fit(seed):
+@pytest.mark.parametrize("seed,correlation", [(0, 0.0), (1, 0.0), (2, 0.75), (3, 0.9)])
+def test_ridge_selector_equals_the_closed_form_fit(seed, correlation):
     """Statistics added over two micro-batches (one summed as if from two identical ranks) give the
-    ridge fit that numpy's least squares computes on the stacked data, and its widths."""
+    generalised least squares fit that numpy computes on the stacked, whitened data, and its widths:
+    the scores of one sequence have covariance (1 - kappa) I + kappa 11^T (kappa = correlation), so each sequence's
+    rows are multiplied by a square root of its precision, and the ridge prior adds rows sqrt(lambda) I."""
     gen = torch.Generator().manual_seed(seed)
-    selector = RidgeSelector(3, vocab_size=VOCAB, embed_dim=5, ridge=0.7)
+    sources, ridge = 3, 0.7
+    selector = RidgeSelector(sources, vocab_size=VOCAB, embed_dim=5, ridge=ridge, correlation=correlation)
     ids = [torch.randint(0, VOCAB, (6, LENGTH), generator=gen) for _ in range(2)]
     masks = [torch.ones(6, LENGTH, dtype=torch.long) for _ in range(2)]
     masks[0][:2, 9:] = 0
-    chosen = [torch.rand(6, 3, generator=gen) < 0.6 for _ in range(2)]
+    chosen = [torch.rand(6, sources, generator=gen) < 0.6 for _ in range(2)]
     chosen[0][:, 2] = False  # source 2 is measured in the second batch only
-    scores = [torch.where(c, 1.0 + torch.rand(6, 3, generator=gen), math.nan) for c in chosen]
+    scores = [torch.where(c, 1.0 + torch.rand(6, sources, generator=gen), math.nan) for c in chosen]
     selector.add_statistics(selector.statistics(ids[0], masks[0], chosen[0], scores[0]))
+    selector(ids[0])  # a fit of the first batch alone, which the next statistics must replace
     selector.add_statistics(2 * selector.statistics(ids[1], masks[1], chosen[1], scores[1]))  # two ranks, same rows
 
     x = torch.cat([selector.features(ids[0], masks[0]), selector.features(ids[1], masks[1]), selector.features(ids[1], masks[1])]).numpy()
     c = torch.cat([chosen[0], chosen[1], chosen[1]]).numpy()
     y = torch.cat([scores[0], scores[1], scores[1]]).numpy()
     prior = np.nanmean(y[c])
+    size = x.shape[1]
+    design, target = [], []
+    for b in range(len(x)):
+        ran = np.flatnonzero(c[b])
+        if not len(ran):
+            continue
+        covariance = (1 - correlation) * np.eye(len(ran)) + correlation * np.ones((len(ran), len(ran)))
+        whiten = np.linalg.cholesky(np.linalg.inv(covariance)).T  # whiten^T whiten = precision
+        rows = np.zeros((len(ran), sources * size))
+        for row, s in enumerate(ran):
+            rows[row, s * size:(s + 1) * size] = x[b]
+        design.append(whiten @ rows)
+        target.append(whiten @ (y[b, ran] - prior))
+    design = np.vstack(design + [math.sqrt(ridge) * np.eye(sources * size)])
+    target = np.concatenate(target + [np.zeros(sources * size)])
+    theta = np.linalg.lstsq(design, target, rcond=None)[0].reshape(sources, size)
+    covariance = np.linalg.inv(design.T @ design)
     new_ids = torch.randint(0, VOCAB, (4, LENGTH), generator=gen)
     new_x = selector.features(new_ids).numpy()
     predicted, width = selector(new_ids)
-    for s in range(3):
-        rows = c[:, s]
-        # Ridge as least squares: the prior's rows sqrt(lambda) I with target 0 below the data.
-        design = np.vstack([x[rows], math.sqrt(0.7) * np.eye(x.shape[1])])
-        target = np.concatenate([y[rows, s] - prior, np.zeros(x.shape[1])])
-        theta = np.linalg.lstsq(design, target, rcond=None)[0]
-        np.testing.assert_allclose(predicted[:, s].numpy(), prior + new_x @ theta, rtol=1e-5, atol=1e-5)
-        inverse = np.linalg.inv(0.7 * np.eye(x.shape[1]) + x[rows].T @ x[rows])
-        np.testing.assert_allclose(width[:, s].numpy(), np.sqrt(np.einsum("bi,ij,bj->b", new_x, inverse, new_x)), rtol=1e-5)
+    for s in range(sources):
+        np.testing.assert_allclose(predicted[:, s].numpy(), prior + new_x @ theta[s], rtol=1e-5, atol=1e-5)
+        block = covariance[s * size:(s + 1) * size, s * size:(s + 1) * size]
+        np.testing.assert_allclose(width[:, s].numpy(), np.sqrt(np.einsum("bi,ij,bj->b", new_x, block, new_x)), rtol=1e-5)
+    # A selector that predicted from its empty statistics, then loaded these, predicts as this one does.
+    loaded = RidgeSelector(sources, vocab_size=VOCAB, embed_dim=5, ridge=ridge, correlation=correlation)
+    loaded(new_ids)
+    loaded.load_state_dict(selector.state_dict())
+    for mine, theirs in zip(loaded(new_ids), (predicted, width)):
+        torch.testing.assert_close(mine, theirs)
     # Features: a constant 1, then a unit vector that ignores masked positions.
     features = selector.features(ids[0], masks[0])
     assert features[:, 0].tolist() == [1.0] * 6
@@ -405,10 +427,31 @@ def test_ridge_selector_equals_the_closed_form_fit(seed):
 
 def test_ridge_selector_rejects_foreign_statistics_and_bad_sizes():
     selector = RidgeSelector(2, vocab_size=VOCAB, embed_dim=3)
-    with pytest.raises(ValueError, match="left over"):
-        selector.add_statistics(torch.zeros(2 * 16 + 2 * 4 + 2 * 4 + 2 + 1))
+    size = (2 * 4) ** 2 + 2 * 4 + 2 * 4 + 2  # gram, moment, feature sum, score total
+    selector.add_statistics(torch.zeros(size))
+    for wrong in (size - 1, size + 1):
+        with pytest.raises(ValueError, match="not this selector's"):
+            selector.add_statistics(torch.zeros(wrong))
     with pytest.raises(ValueError, match="ridge"):
         RidgeSelector(2, ridge=0.0)
+    for wrong in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="correlation"):
+            RidgeSelector(2, correlation=wrong)
+
+
+def fit_linucb(gen, selector, scores, steps, optimism, per_sequence):
+    """The trainer's loop for LinUCB on batches of 32 domain sequences: a measuring step that asks every
+    source, then ``per_sequence`` sources per sequence by the optimistic prediction; ``scores(domains)``
+    gives every source's score on each sequence, of which the selector learns the chosen ones."""
+    for step in range(steps):
+        ids, domains = domain_batch(gen, 32)
+        predicted, width = selector(ids)
+        if step == 0:
+            chosen = torch.ones(32, SOURCES, dtype=torch.bool)  # the measuring warm-up
+        else:
+            chosen = select(torch.softmax(-(predicted - optimism * width) / 0.1, -1), 0.5, per_sequence, per_sequence, 0.0)
+        measured = torch.where(chosen, scores(domains), math.nan)
+        selector.add_statistics(selector.statistics(ids, torch.ones_like(ids), chosen, measured))
 
 
 def train_linucb(seed, steps, optimism):
@@ -426,15 +469,7 @@ def train_linucb(seed, steps, optimism):
         nll[rows[specialist], domains[specialist]] = 0.8 + 0.05 * torch.randn(int(specialist.sum()), generator=gen)
         return nll
 
-    for step in range(steps):
-        ids, domains = domain_batch(gen, 32)
-        predicted, width = selector(ids)
-        if step == 0:
-            chosen = torch.ones(32, SOURCES, dtype=torch.bool)  # the measuring warm-up
-        else:
-            chosen = select(torch.softmax(-(predicted - optimism * width) / 0.1, -1), 0.5, 1, 1, 0.0)
-        measured = torch.where(chosen, scores(domains), math.nan)
-        selector.add_statistics(selector.statistics(ids, torch.ones_like(ids), chosen, measured))
+    fit_linucb(gen, selector, scores, steps, optimism, per_sequence=1)
     ids, domains = domain_batch(gen, 1000)
     best = torch.where(domains > 0, domains, 0)
     return (selector(ids)[0].argmin(-1) == best).float().mean().item()
@@ -448,3 +483,31 @@ def test_linucb_finds_the_specialists_a_greedy_choice_never_measures():
     optimistic = [train_linucb(seed, steps=60, optimism=0.3) for seed in range(3)]
     assert min(greedy) < 0.9, greedy
     assert min(optimistic) >= 0.95, optimistic
+
+
+def train_linucb_shared(seed, correlation, steps=20):
+    """LinUCB in the trainer's loop, two sources per sequence. Every sequence has a difficulty that
+    all sources share (standard deviation 0.5) and each source its own error (0.05); the domain's
+    specialist is 0.1 better. Returns the share of fresh sequences routed to their specialist."""
+    gen = torch.Generator().manual_seed(seed)
+    selector = RidgeSelector(SOURCES, vocab_size=VOCAB, embed_dim=64, correlation=correlation)
+
+    def scores(domains):
+        nll = 1.5 + 0.5 * torch.randn(len(domains), 1, generator=gen) + 0.05 * torch.randn(len(domains), SOURCES, generator=gen)
+        nll[torch.arange(len(domains)), domains] -= 0.1
+        return nll
+
+    fit_linucb(gen, selector, scores, steps, optimism=0.3, per_sequence=2)
+    ids, domains = domain_batch(gen, 1000)
+    return (selector(ids)[0].argmin(-1) == domains).float().mean().item()
+
+
+def test_linucb_with_correlated_scores_compares_the_sources_of_one_sequence():
+    """The difficulty of a sequence moves all its scores together: regressed independently
+    (correlation 0) each source's estimate carries that noise (0.5) and the 0.1 advantage is lost in
+    it; with the correlation in the model (0.5^2 / (0.5^2 + 0.05^2) = 0.99) the scores of one
+    sequence are compared with each other, and the specialists are found."""
+    independent = [train_linucb_shared(seed, 0.0) for seed in range(3)]
+    shared = [train_linucb_shared(seed, 0.99) for seed in range(3)]
+    assert max(independent) < 0.7, independent
+    assert min(shared) >= 0.95, shared
