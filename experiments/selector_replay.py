@@ -32,8 +32,11 @@ from fusion.splits import held_out_chunks, run_chunks, run_tokenizers
 from fusion.vocab_map import tokenizer_sha256
 
 
-def replay(config, tokenizers, chunks, sources, held_out, best: dict[str, str]) -> dict:
-    """One seed's run of the selector alone: its source tokens and held-out best-source shares."""
+def replay(config, tokenizers, chunks, held_out, best: dict[str, str]) -> dict:
+    """One seed's run of the selector alone: its source tokens (the sources' own counters, as a
+    comparison run counts them) and held-out best-source shares."""
+    sources = OfflineSources(config.sources, Path(config.fusion.answers_dir), tokenizers[0], config.fusion.top_k,
+                             config.fusion.temperature, chunks.documents)
     target_tokenizer = tokenizers[0]
     if target_tokenizer.pad_token is None:
         target_tokenizer.pad_token = target_tokenizer.eos_token
@@ -44,7 +47,6 @@ def replay(config, tokenizers, chunks, sources, held_out, best: dict[str, str]) 
                          families=tokenizer_families([tokenizer_sha256(t) for t in tokenizers[1:]]))
     batches = (batch for _, batch in iterate_epochs(loader))
     available = torch.ones(len(config.sources), dtype=torch.bool)
-    source_tokens = 0
     for step in range(1, config.trainer.max_steps + 1):
         for _ in range(config.trainer.gradient_accumulation_steps):
             batch = next(batches)
@@ -52,12 +54,11 @@ def replay(config, tokenizers, chunks, sources, held_out, best: dict[str, str]) 
             answers, ran = sources.collect(sources.request(batch, chosen, step))
             policy.weigh(batch, answers, ran)
             policy.learn(batch, answers, ran)
-            source_tokens += int((batch["attention_mask"].sum(1, keepdim=True) * ran).sum())
     with tempfile.TemporaryDirectory() as folder:
         selector_file = Path(folder) / "selector.pt"
         policy.save(selector_file, [source.name for source in config.sources])
         routing = held_out_routing(config, selector_file, held_out["text"], held_out["domain"])
-    return {"seed": config.run.seed, "source_tokens": source_tokens,
+    return {"seed": config.run.seed, "source_tokens": sum(counters.tokens for counters in sources.counters),
             "best_source_share": {domain: routing[domain][best[domain]] for domain in sorted(routing)}}
 
 
@@ -73,14 +74,12 @@ def replay_comparison(folder: Path, seeds: Sequence[int], overrides: Sequence[st
     tokenizers = run_tokenizers(config)
     chunks = run_chunks(config, tokenizers)
     held_out = held_out_chunks(config, config.data.eval_split, tokenizers)
-    sources = OfflineSources(config.sources, Path(config.fusion.answers_dir), tokenizers[0], config.fusion.top_k,
-                             config.fusion.temperature, chunks.documents)
     best = best_sources(truth, [source.name for source in config.sources])
     runs = []
     for seed in seeds:
         seeded = copy.deepcopy(raw)
         seeded.setdefault("run", {})["seed"] = seed
-        runs.append(replay(parse_config(seeded), tokenizers, chunks, sources, held_out, best))
+        runs.append(replay(parse_config(seeded), tokenizers, chunks, held_out, best))
         report(runs[-1])
     domains = runs[0]["best_source_share"]
     return {"comparison": str(folder), "overrides": list(overrides), "best_source": best, "runs": runs,
